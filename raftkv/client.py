@@ -1,0 +1,265 @@
+"""The raftkv client: async :class:`Client` and blocking :class:`SyncClient`.
+
+The client learns the ring and each shard's leader from ``Cluster.Status`` and from the hints
+every reply and every UNAVAILABLE carries, and sends each request straight to the leader's node
+(one hop). If that fails it falls back to any endpoint (which forwards), refreshes its view,
+and retries with exponential backoff and jitter, within one overall deadline.
+
+Every write carries a request id ``(client_id, seq)``; a retry reuses it, so a write whose
+first attempt timed out but did commit is not applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.errors import RaftKVError, Unavailable, rpc_error
+from raftkv.ring import Ring
+
+T = TypeVar("T")
+DEFAULT_ENDPOINT = "127.0.0.1:7001"
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class GetResult:
+    value: bytes
+    version: int
+    shard_id: int
+    leader: str
+
+
+def parse_endpoints(text: str | Sequence[str]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    endpoints = [e.strip() for e in items if e.strip()]
+    if not endpoints:
+        raise ValueError("no endpoints given")
+    return endpoints
+
+
+class Client:
+    """Async client. Use ``async with Client([...]) as c:``."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str] = DEFAULT_ENDPOINT,
+        *,
+        timeout: float = 10.0,
+        attempt_timeout: float = 5.0,
+        leader_aware: bool = True,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.leader_aware = leader_aware
+        self.client_id = os.urandom(16)
+        self._seq = itertools.count(1)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._ring: Ring | None = None
+        self._leaders: dict[int, str] = {}  # shard → leader gRPC endpoint
+        self._next = random.randrange(len(self.endpoints))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(None)
+        self._channels.clear()
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(
+                endpoint, options=GRPC_OPTIONS
+            )
+        return ch
+
+    def _any_endpoint(self) -> str:
+        self._next = (self._next + 1) % len(self.endpoints)
+        return self.endpoints[self._next]
+
+    async def refresh(self) -> kv.StatusResponse:
+        """Fetch cluster status (ring parameters and leaders) from any endpoint."""
+        status: kv.StatusResponse = await self._call(
+            None,
+            lambda ep: kv_grpc.ClusterStub(self._channel(ep)).Status(
+                kv.StatusRequest(), timeout=self.attempt_timeout
+            ),
+        )
+        self._learn(status)
+        return status
+
+    def _learn(self, status: kv.StatusResponse) -> None:
+        self._ring = Ring(status.shard_count, status.vnodes)
+        grpc_of = {n.id: n.grpc for n in status.nodes}
+        for shard in status.shards:
+            if shard.leader in grpc_of:
+                self._leaders[shard.shard_id] = grpc_of[shard.leader]
+
+    async def _route(self, key: bytes) -> int | None:
+        if not self.leader_aware:
+            return None
+        if self._ring is None:
+            try:
+                await self.refresh()
+            except RaftKVError:
+                return None
+        return self._ring.shard_for(key) if self._ring is not None else None
+
+    async def _call(self, shard: int | None, attempt: Callable[[str], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        last: RaftKVError | None = None
+        while True:
+            endpoint = self._leaders.get(shard, "") if shard is not None else ""
+            endpoint = endpoint or self._any_endpoint()
+            try:
+                return await attempt(endpoint)
+            except grpc.aio.AioRpcError as e:
+                err = rpc_error(e)
+                if not err.retryable:
+                    raise err from None
+                last = err
+                if shard is not None:
+                    hint = err.leader_endpoint if isinstance(err, Unavailable) else ""
+                    if hint and hint != endpoint:
+                        self._leaders[shard] = hint
+                    else:
+                        self._leaders.pop(shard, None)
+            if time.monotonic() + delay > deadline:
+                assert last is not None
+                raise last
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+    def _remember(self, header: kv.ResponseHeader) -> None:
+        if header.leader_endpoint:
+            self._leaders[header.shard_id] = header.leader_endpoint
+
+    def _rid(self) -> kv.RequestId:
+        return kv.RequestId(client_id=self.client_id, seq=next(self._seq))
+
+    async def put(self, key: bytes, value: bytes) -> int:
+        """Store ``value`` under ``key``; returns the key's new version."""
+        shard = await self._route(key)
+        req = kv.PutRequest(key=key, value=value, request_id=self._rid())
+        resp: kv.PutResponse = await self._call(
+            shard,
+            lambda ep: kv_grpc.KVStub(self._channel(ep)).Put(req, timeout=self.attempt_timeout),
+        )
+        self._remember(resp.header)
+        return resp.version
+
+    async def get(self, key: bytes, *, stale: bool = False) -> GetResult:
+        """Read ``key`` (linearizable unless ``stale``). Raises KeyNotFound if absent."""
+        shard = await self._route(key)
+        req = kv.GetRequest(key=key, consistency=kv.STALE if stale else kv.LINEARIZABLE)
+        resp: kv.GetResponse = await self._call(
+            shard,
+            lambda ep: kv_grpc.KVStub(self._channel(ep)).Get(req, timeout=self.attempt_timeout),
+        )
+        self._remember(resp.header)
+        return GetResult(resp.value, resp.version, resp.header.shard_id, resp.header.leader)
+
+    async def delete(self, key: bytes) -> bool:
+        """Delete ``key``; returns whether it existed."""
+        shard = await self._route(key)
+        req = kv.DeleteRequest(key=key, request_id=self._rid())
+        resp: kv.DeleteResponse = await self._call(
+            shard,
+            lambda ep: kv_grpc.KVStub(self._channel(ep)).Delete(req, timeout=self.attempt_timeout),
+        )
+        self._remember(resp.header)
+        return resp.existed
+
+    async def compare_and_swap(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        expected_value: bytes | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Set ``value`` if the current value/version matches; raises PreconditionFailed if not."""
+        shard = await self._route(key)
+        req = kv.CompareAndSwapRequest(key=key, value=value, request_id=self._rid())
+        if expected_value is not None:
+            req.expected_value = expected_value
+        elif expected_version is not None:
+            req.expected_version = expected_version
+        else:
+            raise ValueError("give expected_value or expected_version")
+        resp: kv.CompareAndSwapResponse = await self._call(
+            shard,
+            lambda ep: kv_grpc.KVStub(self._channel(ep)).CompareAndSwap(
+                req, timeout=self.attempt_timeout
+            ),
+        )
+        self._remember(resp.header)
+        return resp.version
+
+    async def status(self) -> kv.StatusResponse:
+        return await self.refresh()
+
+
+class SyncClient:
+    """A blocking facade over :class:`Client`, driving it on a private event-loop thread."""
+
+    def __init__(self, endpoints: str | Sequence[str] = DEFAULT_ENDPOINT, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._client = self._run(self._make(endpoints, kwargs))
+
+    @staticmethod
+    async def _make(endpoints: str | Sequence[str], kwargs: dict[str, Any]) -> Client:
+        return Client(endpoints, **kwargs)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def put(self, key: bytes, value: bytes) -> int:
+        return self._run(self._client.put(key, value))
+
+    def get(self, key: bytes, *, stale: bool = False) -> GetResult:
+        return self._run(self._client.get(key, stale=stale))
+
+    def delete(self, key: bytes) -> bool:
+        return self._run(self._client.delete(key))
+
+    def compare_and_swap(self, key: bytes, value: bytes, **kwargs: Any) -> int:
+        return self._run(self._client.compare_and_swap(key, value, **kwargs))
+
+    def status(self) -> kv.StatusResponse:
+        return self._run(self._client.status())
+
+    def close(self) -> None:
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,332 @@
+"""A node: hosts this process's shard replicas, routes a shard id to its leader, owns the data dir.
+
+Routing, for a request on shard ``s`` arriving at any node:
+
+* this node holds ``s``'s leader → run it locally;
+* otherwise forward it, once, to the node believed to lead ``s`` (from the local replica, or a
+  cache fed by the hints in replies), with a deadline. A forwarded request is never forwarded
+  again: the receiver either serves it or answers UNAVAILABLE naming the leader it knows;
+* no leader known yet → wait, bounded by ``leader_wait_s``, for an election, then UNAVAILABLE
+  with whatever hint exists.
+
+The data dir holds ``node.json`` (node id and cluster fingerprint, checked at every start so a
+data dir can never be served under another identity or cluster) and ``shard-<s>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.config import ClusterConfig, NodeSettings
+from raftkv.errors import (
+    LEADER_METADATA,
+    ClusterMismatch,
+    NotLeader,
+    Unavailable,
+    rpc_error,
+)
+from raftkv.placement import Placement
+from raftkv.ring import Ring
+from raftkv.shard import RaftDriver, ShardReplica
+
+log = logging.getLogger("raftkv.node")
+
+T = TypeVar("T")
+FORWARDED_METADATA = "raftkv-forwarded"
+GRPC_MAX_MESSAGE = 8 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+]
+# After a peer refuses a connection, do not try it again for this long.
+PEER_BACKOFF_S = 0.3
+
+
+class Peer:
+    """A gRPC link to another node, opened lazily and reused."""
+
+    def __init__(self, node_id: str, endpoint: str) -> None:
+        self.node_id = node_id
+        self.endpoint = endpoint
+        self._channel: grpc.aio.Channel | None = None
+        self.failed_at = 0.0
+
+    @property
+    def kv(self) -> kv_grpc.KVStub:
+        return kv_grpc.KVStub(self.channel)
+
+    @property
+    def cluster(self) -> kv_grpc.ClusterStub:
+        return kv_grpc.ClusterStub(self.channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.endpoint, options=GRPC_OPTIONS)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+
+class Node:
+    """One ``raftkv serve`` process."""
+
+    def __init__(self, cluster: ClusterConfig, settings: NodeSettings) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self.id = settings.node_id
+        cluster.node(self.id)  # fail early if the id is unknown
+        self.ring = Ring(cluster.shards, cluster.vnodes)
+        self.placement = Placement.of(cluster.node_ids, cluster.shards, cluster.replicas)
+        self.endpoints = {n.id: n.grpc for n in cluster.nodes}
+        self.peers = {n.id: Peer(n.id, n.grpc) for n in cluster.nodes if n.id != self.id}
+        self._leader_cache: dict[int, str] = {}
+        self._check_data_dir()
+        self.driver = RaftDriver(cluster, self.id, settings.raft)
+        self.replicas: dict[int, ShardReplica] = {}
+        for s in self.placement.shards_on(self.id):
+            others = [n for n in self.placement.replicas_of(s) if n != self.id]
+            self.replicas[s] = ShardReplica(
+                s,
+                self.id,
+                others,
+                settings.data_dir / f"shard-{s}",
+                self.driver,
+            )
+        self.started = False
+
+    def _check_data_dir(self) -> None:
+        d = self.settings.data_dir
+        d.mkdir(parents=True, exist_ok=True)
+        meta_path = d / "node.json"
+        want = {"node_id": self.id, "cluster_fingerprint": self.cluster.fingerprint}
+        if meta_path.exists():
+            have = json.loads(meta_path.read_text())
+            if have.get("node_id") != self.id:
+                raise ClusterMismatch(
+                    f"data dir {d} belongs to node {have.get('node_id')!r}, not {self.id!r}; "
+                    "use that node's id or another --data-dir"
+                )
+            if have.get("cluster_fingerprint") != self.cluster.fingerprint:
+                raise ClusterMismatch(
+                    f"data dir {d} was created by a cluster with fingerprint "
+                    f"{have.get('cluster_fingerprint')}, but this cluster file has "
+                    f"{self.cluster.fingerprint}; changing shards, replicas or nodes of an "
+                    "existing cluster is not supported yet"
+                )
+            return
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(want, indent=2) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(meta_path)
+
+    def start(self) -> None:
+        self.driver.start()
+        self.started = True
+        log.info(
+            "node %s up: shards %s, cluster %s",
+            self.id,
+            sorted(self.replicas),
+            self.cluster.fingerprint,
+        )
+
+    async def stop(self) -> None:
+        self.started = False
+        await asyncio.to_thread(self.driver.stop)
+        for p in self.peers.values():
+            await p.close()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def shard_for(self, key: bytes) -> int:
+        return self.ring.shard_for(key)
+
+    def leader_of(self, shard_id: int) -> str:
+        replica = self.replicas.get(shard_id)
+        if replica is not None and replica.info.leader:
+            return replica.info.leader
+        return self._leader_cache.get(shard_id, "")
+
+    def learn_leader(self, shard_id: int, leader: str) -> None:
+        if leader and leader in self.endpoints:
+            self._leader_cache[shard_id] = leader
+
+    def unavailable(self, shard_id: int, why: str) -> Unavailable:
+        leader = self.leader_of(shard_id)
+        hint = f"; the last known leader is {leader}" if leader else "; no leader is known"
+        return Unavailable(
+            f"shard {shard_id}: {why}{hint}",
+            shard_id=shard_id,
+            leader=leader,
+            leader_endpoint=self.endpoints.get(leader, ""),
+        )
+
+    def _next_target(self, shard_id: int, tried: set[str]) -> str:
+        """The node to forward to: the known leader, else any replica not tried lately."""
+        now = time.monotonic()
+        leader = self.leader_of(shard_id)
+        if leader and leader != self.id and now - self.peers[leader].failed_at > PEER_BACKOFF_S:
+            return leader
+        if shard_id in self.replicas:
+            return ""  # we are a replica: wait for our own group to learn the leader
+        for n in self.placement.replicas_of(shard_id):
+            if n not in tried and now - self.peers[n].failed_at > PEER_BACKOFF_S:
+                return n
+        return ""
+
+    async def route(
+        self,
+        shard_id: int,
+        local: Callable[[ShardReplica], Awaitable[T]],
+        remote: Callable[[Peer, float], Awaitable[T]],
+        *,
+        forwarded: bool,
+        deadline: float,
+    ) -> T:
+        """Run a request at the shard's leader: here, or one hop away."""
+        if not self.started:
+            raise Unavailable(f"node {self.id} is starting or stopping", shard_id=shard_id)
+        tried: set[str] = set()
+        delay = 0.01
+        while True:
+            replica = self.replicas.get(shard_id)
+            if replica is not None and replica.is_leader:
+                try:
+                    return await local(replica)
+                except NotLeader:
+                    pass  # lost leadership between the check and the proposal: route again
+            elif forwarded:
+                if replica is not None:
+                    raise replica.not_leader()
+                raise self.unavailable(shard_id, f"node {self.id} holds no replica")
+            else:
+                target = self._next_target(shard_id, tried)
+                if target:
+                    tried.add(target)
+                    peer = self.peers[target]
+                    remaining = deadline - time.monotonic()
+                    timeout = min(self.settings.forward_timeout_s, max(remaining, 0.05))
+                    try:
+                        return await remote(peer, timeout)
+                    except grpc.aio.AioRpcError as e:
+                        err = rpc_error(e)
+                        if not isinstance(err, Unavailable):
+                            raise err from None
+                        if err.leader and err.leader != target:
+                            self.learn_leader(shard_id, err.leader)
+                        else:
+                            peer.failed_at = time.monotonic()
+                            self._leader_cache.pop(shard_id, None)
+                        log.warning("forwarding shard %d to %s failed: %s", shard_id, target, err)
+            if time.monotonic() + delay > deadline:
+                raise self.unavailable(shard_id, "no leader could serve the request in time")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def forward_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((FORWARDED_METADATA, self.id),)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def local_status(self) -> kv.StatusResponse:
+        resp = self._status_skeleton()
+        for s, replica in sorted(self.replicas.items()):
+            info = replica.info
+            shard = resp.shards[s]
+            shard.replica_status.append(
+                kv.ReplicaStatus(
+                    node=self.id,
+                    role=info.role,
+                    term=info.term,
+                    commit_index=info.commit_index,
+                    last_applied=info.last_applied,
+                    leader=info.leader,
+                    keys=info.keys,
+                )
+            )
+        self._summarize(resp)
+        return resp
+
+    def _status_skeleton(self) -> kv.StatusResponse:
+        return kv.StatusResponse(
+            node=self.id,
+            shard_count=self.cluster.shards,
+            vnodes=self.cluster.vnodes,
+            cluster_fingerprint=self.cluster.fingerprint,
+            nodes=[kv.NodeInfo(id=n.id, grpc=n.grpc, raft=n.raft) for n in self.cluster.nodes],
+            shards=[
+                kv.ShardStatus(shard_id=s, replicas=list(self.placement.replicas_of(s)))
+                for s in range(self.cluster.shards)
+            ],
+        )
+
+    @staticmethod
+    def _summarize(resp: kv.StatusResponse) -> None:
+        """Fill each shard's leader/term/commit from its replicas' own views."""
+        for shard in resp.shards:
+            leaders = [r for r in shard.replica_status if r.role == "leader"]
+            best = max(leaders, key=lambda r: r.term) if leaders else None
+            shard.leader = best.node if best else ""
+            shard.term = max((r.term for r in shard.replica_status), default=0)
+            shard.commit_index = (
+                best.commit_index
+                if best
+                else max((r.commit_index for r in shard.replica_status), default=0)
+            )
+
+    async def cluster_status(self, timeout: float) -> kv.StatusResponse:
+        """Every node's view merged: ask each peer for its local status, with a deadline."""
+        resp = self._status_skeleton()
+        local = self.local_status()
+        views: dict[str, kv.StatusResponse | None] = {self.id: local}
+
+        async def ask(peer: Peer) -> None:
+            try:
+                views[peer.node_id] = await peer.cluster.Status(
+                    kv.StatusRequest(local_only=True), timeout=timeout
+                )
+            except grpc.aio.AioRpcError:
+                views[peer.node_id] = None
+
+        await asyncio.gather(*(ask(p) for p in self.peers.values()))
+        for n in resp.nodes:
+            n.reachable = views.get(n.id) is not None
+        for view in views.values():
+            if view is None:
+                continue
+            for shard in view.shards:
+                resp.shards[shard.shard_id].replica_status.extend(shard.replica_status)
+        for shard in resp.shards:
+            order = {n: i for i, n in enumerate(shard.replicas)}
+            ordered = sorted(shard.replica_status, key=lambda r: order.get(r.node, 99))
+            del shard.replica_status[:]
+            shard.replica_status.extend(ordered)
+            for r in ordered:
+                self.learn_leader(shard.shard_id, r.leader)
+        self._summarize(resp)
+        return resp
+
+
+def leader_trailers(err: Unavailable) -> tuple[tuple[str, str], ...]:
+    md: list[tuple[str, str]] = []
+    if err.leader:
+        md.append((LEADER_METADATA, err.leader))
+    if err.leader_endpoint:
+        md.append(("raftkv-leader-endpoint", err.leader_endpoint))
+    if err.shard_id is not None:
+        md.append(("raftkv-shard", str(err.shard_id)))
+    return tuple(md)

@@ -1,0 +1,1 @@
+"""Test helpers that ship with raftkv: local clusters, histories, the linearizability checker."""

@@ -1,0 +1,307 @@
+"""``LocalCluster``: N real ``raftkv serve`` processes on loopback, as a reusable library.
+
+Like hashicorp/raft's ``testing.go``, the test cluster ships with the package: the integration
+and fault tests use it, and so does ``raftkv local up``. Each node is a separate OS process with
+its own data dir and log dir, started from one cluster file; helpers kill (SIGKILL), pause
+(SIGSTOP/SIGCONT), stop (SIGTERM) and restart nodes by the PIDs this object started, and wait
+on conditions with deadlines, never on bare sleeps.
+
+Nodes can be given their own loopback address (127.0.0.11, .12, ...) so a fault injector can
+cut one node's traffic with iptables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.config import ClusterConfig, NodeAddress
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll ``condition`` until it returns a truthy value, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as e:  # conditions probe live processes; errors mean "not yet"
+            last_error = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"timed out after {timeout:.1f}s waiting for {what}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
+        time.sleep(interval)
+
+
+@dataclass
+class NodeProcess:
+    address: NodeAddress
+    data_dir: Path
+    log_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.address.id
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class LocalCluster:
+    """Real node processes on this machine. Use as a context manager so they always stop."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        base_dir: Path,
+        *,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.base_dir = Path(base_dir)
+        self.cluster_file = self.base_dir / "cluster.toml"
+        self.extra_args = extra_args
+        self.env = env
+        self.nodes = {
+            n.id: NodeProcess(n, self.base_dir / "data" / n.id, self.base_dir / "logs")
+            for n in config.nodes
+        }
+
+    @classmethod
+    def create(
+        cls,
+        base_dir: Path,
+        *,
+        nodes: int = 3,
+        shards: int = 8,
+        replicas: int = 3,
+        hosts: list[str] | None = None,
+        **kwargs: object,
+    ) -> LocalCluster:
+        """A cluster on free ports; ``hosts`` gives each node its own loopback address."""
+        addrs = []
+        for i in range(1, nodes + 1):
+            host = hosts[i - 1] if hosts else "127.0.0.1"
+            addrs.append(
+                NodeAddress(f"n{i}", f"{host}:{free_port(host)}", f"{host}:{free_port(host)}")
+            )
+        config = ClusterConfig(shards=shards, replicas=replicas, nodes=tuple(addrs))
+        return cls(config, base_dir, **kwargs)  # type: ignore[arg-type]
+
+    # -- processes -------------------------------------------------------------------------
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> LocalCluster:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster_file.write_text(self.config.to_toml())
+        for node_id in self.nodes:
+            self.start_node(node_id, wait=False)
+        if wait:
+            self.wait_healthy(timeout)
+            self.wait_leaders(timeout)
+        return self
+
+    def command(self, node_id: str) -> list[str]:
+        n = self.nodes[node_id]
+        return [
+            sys.executable,
+            "-m",
+            "raftkv",
+            "serve",
+            "--cluster",
+            str(self.cluster_file),
+            "--id",
+            node_id,
+            "--data-dir",
+            str(n.data_dir),
+            "--log-dir",
+            str(n.log_dir),
+            *self.extra_args,
+        ]
+
+    def start_node(self, node_id: str, wait: bool = True, timeout: float = 30.0) -> None:
+        n = self.nodes[node_id]
+        if n.running:
+            raise RuntimeError(f"node {node_id} is already running (pid {n.pid})")
+        n.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(n.log_dir / f"{node_id}.stdout", "ab")  # noqa: SIM115 - owned by the child
+        env = {**os.environ, **(self.env or {})}
+        n.process = subprocess.Popen(
+            self.command(node_id), stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+        out.close()
+        n.paused = False
+        if wait:
+            self.wait_healthy(timeout, [node_id])
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL: the process gets no chance to flush or say goodbye."""
+        n = self.nodes[node_id]
+        if n.process is not None and n.running:
+            if n.paused:
+                n.process.send_signal(signal.SIGCONT)
+            n.process.kill()
+            n.process.wait(10)
+        n.paused = False
+
+    def stop_node(self, node_id: str, timeout: float = 10.0) -> None:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        n = self.nodes[node_id]
+        if n.process is None or not n.running:
+            return
+        if n.paused:
+            n.process.send_signal(signal.SIGCONT)
+            n.paused = False
+        n.process.terminate()
+        try:
+            n.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            n.process.kill()
+            n.process.wait(10)
+
+    def pause(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        if n.process is not None and n.running:
+            n.process.send_signal(signal.SIGSTOP)
+            n.paused = True
+
+    def resume(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        if n.process is not None and n.running and n.paused:
+            n.process.send_signal(signal.SIGCONT)
+            n.paused = False
+
+    def restart(self, node_id: str, wait: bool = True) -> None:
+        self.kill(node_id)
+        self.start_node(node_id, wait=wait)
+
+    def kill_all(self) -> None:
+        for node_id in self.nodes:
+            self.kill(node_id)
+
+    def stop(self) -> None:
+        for node_id in self.nodes:
+            with contextlib.suppress(Exception):
+                self.stop_node(node_id)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Best effort: a failing test must still leave no process behind.
+        for node_id in self.nodes:
+            with contextlib.suppress(Exception):
+                self.resume(node_id)
+        self.stop()
+        for n in self.nodes.values():
+            if n.process is not None and n.process.poll() is None:
+                n.process.kill()
+
+    # -- probes ----------------------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.grpc for n in self.config.nodes]
+
+    def endpoint(self, node_id: str) -> str:
+        return self.nodes[node_id].address.grpc
+
+    def running_endpoints(self) -> list[str]:
+        return [n.address.grpc for n in self.nodes.values() if n.running and not n.paused]
+
+    @contextlib.contextmanager
+    def channel(self, node_id: str) -> Iterator[grpc.Channel]:
+        with grpc.insecure_channel(self.endpoint(node_id)) as ch:
+            yield ch
+
+    def healthy(self, node_id: str) -> bool:
+        with self.channel(node_id) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0
+            )
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_healthy(self, timeout: float = 30.0, node_ids: list[str] | None = None) -> None:
+        for node_id in node_ids or list(self.nodes):
+            n = self.nodes[node_id]
+
+            def up(n: NodeProcess = n) -> bool:
+                if n.process is not None and n.process.poll() is not None:
+                    log = (n.log_dir / f"{n.id}.stdout").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"node {n.id} exited with {n.process.returncode}:\n{log}")
+                return self.healthy(n.id)
+
+            try:
+                wait_for(up, timeout, f"node {node_id} to be healthy")
+            except RuntimeError:
+                raise
+
+    def status(self, node_id: str | None = None, timeout: float = 3.0) -> kv.StatusResponse:
+        target = node_id or next(n.id for n in self.nodes.values() if n.running and not n.paused)
+        with self.channel(target) as ch:
+            resp: kv.StatusResponse = kv_grpc.ClusterStub(ch).Status(
+                kv.StatusRequest(), timeout=timeout
+            )
+        return resp
+
+    def leaders(self, node_id: str | None = None) -> dict[int, str]:
+        """shard → leader node id, for every shard that has a leader right now."""
+        return {s.shard_id: s.leader for s in self.status(node_id).shards if s.leader}
+
+    def wait_leaders(
+        self, timeout: float = 30.0, exclude: set[str] | None = None
+    ) -> dict[int, str]:
+        """Wait until every shard has a leader (not among ``exclude``)."""
+        bad = exclude or set()
+
+        def all_led() -> dict[int, str] | None:
+            leaders = self.leaders()
+            ok = len(leaders) == self.config.shards and not set(leaders.values()) & bad
+            return leaders if ok else None
+
+        return wait_for(all_led, timeout, "every shard to have a leader")
+
+    def leader_counts(self) -> dict[str, int]:
+        counts = {n: 0 for n in self.nodes}
+        for leader in self.leaders().values():
+            counts[leader] = counts.get(leader, 0) + 1
+        return counts
+
+    def busiest_leader(self) -> str:
+        counts = self.leader_counts()
+        return max(counts, key=lambda n: counts[n])

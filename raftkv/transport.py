@@ -1,0 +1,324 @@
+"""One Raft port per node, multiplexing every shard group over one connection per peer.
+
+pysyncobj's own ``TCPTransport`` gives every group its own port, poller and thread. A node
+hosting eight shards would then listen on eight Raft ports. Here a :class:`MuxTransport` owns
+the node's single listening socket and one TCP connection per peer node, and every frame is
+tagged with the shard id: ``(shard_id, message)``. Each shard's ``SyncObj`` gets a thin
+:class:`ShardTransport` (a pysyncobj ``Transport``) that tags outgoing and routes incoming
+messages.
+
+Everything here runs on the node's single Raft thread (see ``shard.RaftDriver``): sockets are
+driven by the shared poller, so no locks or cross-thread queues are needed.
+
+Connection set-up, per pair of nodes (the node with the larger id dials):
+
+1. with a shared secret, the pysyncobj random-key exchange (Fernet encryption and replay
+   protection, the same scheme as ``TCPTransport``);
+2. a hello frame each way carrying the node id and the cluster fingerprint. A peer with a
+   different fingerprint (started from another cluster file) is refused with a log line that
+   says so, and is not retried more often than the reconnect interval.
+
+Security note: frames are pickled by pysyncobj's ``TcpConnection``. Bind the Raft port to a
+private address only, and set a cluster ``secret`` when that network is shared.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj.encryptor import getEncryptor
+from pysyncobj.node import Node
+from pysyncobj.poller import Poller
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_server import TcpServer
+from pysyncobj.transport import Transport
+
+from raftkv.config import ClusterConfig, split_hostport
+
+log = logging.getLogger("raftkv.transport")
+
+HELLO = "hello"
+PING = "ping"
+BUFFER_BYTES = 2**20
+RECONNECT_INTERVAL_S = 0.5
+PING_INTERVAL_S = 0.5
+
+
+class RaftBindError(RuntimeError):
+    """The Raft port could not be bound (in use, or the address is not local)."""
+
+
+class _Peer:
+    """One peer node: its address and the connection to it, once the handshake is done."""
+
+    def __init__(self, node_id: str, host: str, port: int) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.conn: TcpConnection | None = None
+        self.ready = False
+        self.last_attempt = 0.0
+        self.last_ping = 0.0
+        self.refused_reason = ""
+
+
+class ShardTransport(Transport):  # type: ignore[misc]
+    """The view of the mux that one shard's ``SyncObj`` sees."""
+
+    def __init__(self, mux: MuxTransport, shard_id: int, peers: dict[str, Node]) -> None:
+        super().__init__(None, None, list(peers.values()))
+        self._mux = mux
+        self.shard_id = shard_id
+        self.peers = peers
+
+    def send(self, node: Node, message: Any) -> bool:
+        return self._mux.send(node.id, self.shard_id, message)
+
+    def deliver(self, peer_id: str, message: Any) -> None:
+        node = self.peers.get(peer_id)
+        if node is not None:
+            self._onMessageReceived(node, message)
+
+    def peer_connected(self, peer_id: str) -> None:
+        node = self.peers.get(peer_id)
+        if node is not None:
+            self._onNodeConnected(node)
+
+    def peer_disconnected(self, peer_id: str) -> None:
+        node = self.peers.get(peer_id)
+        if node is not None:
+            self._onNodeDisconnected(node)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def tryGetReady(self) -> None:
+        return None
+
+    def waitReady(self) -> None:
+        return None
+
+    def destroy(self) -> None:
+        self._mux.detach(self.shard_id)
+
+
+class MuxTransport:
+    """The node's Raft port: one listener, one connection per peer, frames tagged by shard."""
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        node_id: str,
+        poller: Poller,
+        *,
+        connection_timeout_s: float = 3.0,
+    ) -> None:
+        self._cluster = cluster
+        self._node_id = node_id
+        self._poller = poller
+        self._fingerprint = cluster.fingerprint
+        self._timeout = connection_timeout_s
+        self._encryptor = getEncryptor(cluster.secret) if cluster.secret else None
+        self._shards: dict[int, ShardTransport] = {}
+        self._peers: dict[str, _Peer] = {}
+        for n in cluster.nodes:
+            if n.id != node_id:
+                host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
+                self._peers[n.id] = _Peer(n.id, host, port)
+        self._unknown: set[TcpConnection] = set()
+        self._server: TcpServer | None = None
+        # Test hook: peers whose traffic we drop, to model a partition without root.
+        self.blocked_peers: set[str] = set()
+        self.on_peer_change: Callable[[str, bool], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        host, port = split_hostport(self._cluster.node(self._node_id).raft, "raft address")
+        try:
+            ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            self._server = TcpServer(
+                self._poller,
+                ip,
+                port,
+                onNewConnection=self._on_incoming,
+                sendBufferSize=BUFFER_BYTES,
+                recvBufferSize=BUFFER_BYTES,
+                connectionTimeout=self._timeout,
+            )
+            self._server.bind()
+        except OSError as e:
+            raise RaftBindError(
+                f"cannot bind the Raft port {host}:{port}: {e.strerror or e}"
+            ) from e
+        log.info("raft port listening on %s:%d (shards multiplexed)", ip, port)
+
+    def attach(self, shard: ShardTransport) -> None:
+        self._shards[shard.shard_id] = shard
+
+    def detach(self, shard_id: int) -> None:
+        self._shards.pop(shard_id, None)
+
+    def close(self) -> None:
+        for peer in self._peers.values():
+            if peer.conn is not None:
+                conn, peer.conn = peer.conn, None
+                conn.disconnect()
+        for conn in list(self._unknown):
+            conn.disconnect()
+        if self._server is not None:
+            self._server.unbind()
+
+    def connected_peers(self) -> list[str]:
+        return sorted(p.node_id for p in self._peers.values() if p.ready)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, peer_id: str, shard_id: int, message: Any) -> bool:
+        peer = self._peers.get(peer_id)
+        if peer is None or not peer.ready or peer.conn is None or peer_id in self.blocked_peers:
+            return False
+        peer.conn.send((shard_id, message))
+        return bool(peer.conn.state == CONNECTION_STATE.CONNECTED)
+
+    # -- periodic work (called on every Raft tick) --------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for peer in self._peers.values():
+            if peer.ready and peer.conn is not None:
+                if now - peer.last_ping > PING_INTERVAL_S:
+                    peer.last_ping = now
+                    peer.conn.send((PING, None))
+                continue
+            if self._node_id < peer.node_id:
+                continue  # the peer with the larger id dials
+            if peer.conn is not None and peer.conn.state != CONNECTION_STATE.DISCONNECTED:
+                continue
+            if now - peer.last_attempt < RECONNECT_INTERVAL_S or peer.node_id in self.blocked_peers:
+                continue
+            peer.last_attempt = now
+            self._dial(peer)
+
+    def _dial(self, peer: _Peer) -> None:
+        try:
+            ip = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][
+                0
+            ]
+        except OSError as e:
+            log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
+            return
+        conn = TcpConnection(
+            poller=self._poller,
+            timeout=self._timeout,
+            sendBufferSize=BUFFER_BYTES,
+            recvBufferSize=BUFFER_BYTES,
+            keepalive=(16, 3, 5),
+        )
+        conn.encryptor = self._encryptor
+        conn.setOnConnectedCallback(functools.partial(self._on_dialed, peer, conn))
+        conn.setOnMessageReceivedCallback(functools.partial(self._on_handshake, conn, peer))
+        conn.setOnDisconnectedCallback(functools.partial(self._on_disconnected, conn))
+        peer.conn = conn
+        conn.connect(ip, peer.port)
+
+    def _on_dialed(self, peer: _Peer, conn: TcpConnection) -> None:
+        if self._encryptor is not None:
+            conn.recvRandKey = os.urandom(32)
+            conn.send(conn.recvRandKey)
+        else:
+            conn.send(self._hello())
+
+    def _hello(self) -> tuple[str, dict[str, str]]:
+        return (HELLO, {"node": self._node_id, "fingerprint": self._fingerprint})
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _on_incoming(self, conn: TcpConnection) -> None:
+        self._unknown.add(conn)
+        conn.encryptor = self._encryptor
+        conn.setOnMessageReceivedCallback(functools.partial(self._on_handshake, conn, None))
+        conn.setOnDisconnectedCallback(functools.partial(self._on_disconnected, conn))
+
+    def _on_handshake(self, conn: TcpConnection, dialed: _Peer | None, message: Any) -> None:
+        """First frames of a connection: key exchange (with a secret), then hello."""
+        if self._encryptor is not None and not conn.sendRandKey:
+            conn.sendRandKey = message
+            if dialed is None:  # we accepted: answer with our own key
+                conn.recvRandKey = os.urandom(32)
+                conn.send(conn.recvRandKey)
+            else:
+                conn.send(self._hello())
+            return
+        if not (isinstance(message, tuple) and len(message) == 2 and message[0] == HELLO):
+            log.warning("dropping a Raft connection that did not start with a hello")
+            conn.disconnect()
+            return
+        info = message[1]
+        peer_id = str(info.get("node", ""))
+        peer = self._peers.get(peer_id)
+        if peer is None or (dialed is not None and dialed is not peer):
+            log.error("refusing Raft peer %r: not a node of this cluster file", peer_id)
+            conn.disconnect()
+            return
+        if info.get("fingerprint") != self._fingerprint:
+            reason = (
+                f"refusing Raft peer {peer_id}: its cluster fingerprint "
+                f"{info.get('fingerprint')} differs from ours {self._fingerprint} "
+                "(the nodes were started from different cluster files)"
+            )
+            if reason != peer.refused_reason:
+                log.error("%s", reason)
+                peer.refused_reason = reason
+            conn.disconnect()
+            return
+        if dialed is None:
+            self._unknown.discard(conn)
+            if peer.conn is not None and peer.conn is not conn:
+                old, peer.conn = peer.conn, None
+                old.disconnect()
+            conn.send(self._hello())
+        peer.conn = conn
+        peer.refused_reason = ""
+        conn.setOnMessageReceivedCallback(functools.partial(self._on_message, peer))
+        peer.ready = True
+        peer.last_ping = time.monotonic()
+        log.info("raft link to %s up", peer_id)
+        for shard in list(self._shards.values()):
+            shard.peer_connected(peer_id)
+        if self.on_peer_change is not None:
+            self.on_peer_change(peer_id, True)
+
+    def _on_message(self, peer: _Peer, message: Any) -> None:
+        if peer.node_id in self.blocked_peers:
+            return
+        try:
+            shard_id, payload = message
+        except (TypeError, ValueError):
+            log.warning("malformed Raft frame from %s", peer.node_id)
+            return
+        if shard_id == PING:
+            return
+        shard = self._shards.get(shard_id)
+        if shard is not None:
+            shard.deliver(peer.node_id, payload)
+
+    def _on_disconnected(self, conn: TcpConnection) -> None:
+        self._unknown.discard(conn)
+        for peer in self._peers.values():
+            if peer.conn is conn:
+                peer.conn = None
+                if peer.ready:
+                    peer.ready = False
+                    log.warning("raft link to %s down", peer.node_id)
+                    for shard in list(self._shards.values()):
+                        shard.peer_disconnected(peer.node_id)
+                    if self.on_peer_change is not None:
+                        self.on_peer_change(peer.node_id, False)

@@ -1,0 +1,183 @@
+"""End-to-end behaviour of a real 3-node cluster: routing, forwarding, status, errors."""
+
+import asyncio
+import random
+import subprocess
+
+import grpc
+import pytest
+
+from raftkv import Client
+from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.errors import KeyNotFound
+from raftkv.testing.cluster import LocalCluster
+
+
+async def _write_and_read_everywhere(cluster: LocalCluster, n: int) -> None:
+    # One non-leader-aware client per node: every request lands on that node, so requests
+    # for shards it does not lead must be forwarded.
+    clients = [Client(ep, leader_aware=False) for ep in cluster.endpoints]
+    rng = random.Random(7)
+    expected = {f"key-{i}".encode(): rng.randbytes(rng.randrange(1, 200)) for i in range(n)}
+    sem = asyncio.Semaphore(32)
+
+    async def put(k: bytes, v: bytes) -> None:
+        async with sem:
+            await rng.choice(clients).put(k, v)
+
+    await asyncio.gather(*(put(k, v) for k, v in expected.items()))
+
+    async def check(c: Client, k: bytes) -> tuple[bytes, bytes]:
+        async with sem:
+            return k, (await c.get(k)).value
+
+    for c in clients:
+        got = dict(await asyncio.gather(*(check(c, k) for k in expected)))
+        assert got == expected, f"mismatch reading through {c.endpoints[0]}"
+    for c in clients:
+        await c.close()
+
+
+def test_1000_keys_written_through_random_nodes_read_back_through_every_node(
+    cluster3: LocalCluster,
+) -> None:
+    asyncio.run(_write_and_read_everywhere(cluster3, 1000))
+
+
+def test_status_shows_every_shard_with_a_leader_among_its_replicas(cluster3: LocalCluster) -> None:
+    status = cluster3.status()
+    assert status.shard_count == 8 and len(status.shards) == 8
+    assert {n.id for n in status.nodes} == {"n1", "n2", "n3"}
+    assert all(n.reachable for n in status.nodes)
+    for shard in status.shards:
+        assert sorted(shard.replicas) == ["n1", "n2", "n3"]
+        assert shard.leader in shard.replicas
+        assert shard.term >= 1
+        assert {r.node for r in shard.replica_status} == {"n1", "n2", "n3"}
+
+
+def test_reply_headers_name_the_shard_and_leader(cluster3: LocalCluster) -> None:
+    with cluster3.channel("n1") as ch:
+        stub = kv_grpc.KVStub(ch)
+        resp = stub.Put(kv.PutRequest(key=b"hdr", value=b"v"), timeout=10)
+        leaders = cluster3.leaders()
+        assert resp.header.leader == leaders[resp.header.shard_id]
+        assert resp.header.leader_endpoint == cluster3.endpoint(resp.header.leader)
+        assert resp.header.index > 0 and resp.version == resp.header.index
+        got = stub.Get(kv.GetRequest(key=b"hdr"), timeout=10)
+        assert got.value == b"v" and got.header.shard_id == resp.header.shard_id
+        assert got.header.index > resp.header.index  # the read barrier came after the write
+
+
+def test_retried_write_with_the_same_request_id_applies_once(cluster3: LocalCluster) -> None:
+    rid = kv.RequestId(client_id=b"test-client-0001", seq=1)
+    with cluster3.channel("n2") as ch:
+        stub = kv_grpc.KVStub(ch)
+        first = stub.Put(kv.PutRequest(key=b"dedup", value=b"one", request_id=rid), timeout=10)
+        stub.Put(
+            kv.PutRequest(
+                key=b"dedup", value=b"two", request_id=kv.RequestId(client_id=b"other", seq=1)
+            ),
+            timeout=10,
+        )
+        retry = stub.Put(kv.PutRequest(key=b"dedup", value=b"one", request_id=rid), timeout=10)
+        assert retry.version == first.version
+        assert stub.Get(kv.GetRequest(key=b"dedup"), timeout=10).value == b"two"
+
+
+def test_compare_and_swap(cluster3: LocalCluster) -> None:
+    async def run() -> None:
+        async with Client(cluster3.endpoints) as c:
+            v1 = await c.compare_and_swap(b"cas", b"a", expected_version=0)
+            v2 = await c.compare_and_swap(b"cas", b"b", expected_value=b"a")
+            assert v2 > v1
+            v3 = await c.compare_and_swap(b"cas", b"c", expected_version=v2)
+            assert (await c.get(b"cas")).value == b"c" and (await c.get(b"cas")).version == v3
+
+    asyncio.run(run())
+
+
+def test_stale_reads_serve_from_the_local_replica(cluster3: LocalCluster) -> None:
+    async def run() -> None:
+        async with Client(cluster3.endpoints) as c:
+            await c.put(b"stale-key", b"v")
+        for ep in cluster3.endpoints:
+            async with Client(ep, leader_aware=False) as c:
+                # a follower may lag by a heartbeat: allow a short, bounded catch-up
+                for _ in range(50):
+                    try:
+                        got = await c.get(b"stale-key", stale=True)
+                        break
+                    except KeyNotFound:
+                        await asyncio.sleep(0.05)
+                assert got.value == b"v"
+
+    asyncio.run(run())
+
+
+def _listening(pid: int) -> list[str]:
+    """host:port of every TCP socket ``pid`` listens on (IPv4-mapped addresses unmapped)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    addrs = [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+    return sorted(a.replace("[::ffff:", "").replace("]", "") for a in addrs)
+
+
+def test_node_listens_only_on_its_grpc_and_raft_addresses(cluster3: LocalCluster) -> None:
+    for node in cluster3.nodes.values():
+        assert node.pid is not None
+        assert _listening(node.pid) == sorted([node.address.grpc, node.address.raft])
+
+
+def test_grpc_reflection_lists_the_kv_service(cluster3: LocalCluster) -> None:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    out = subprocess.run(
+        [grpcurl, "-plaintext", cluster3.endpoint("n1"), "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "raftkv.v1.KV" in out.stdout.split()
+    assert "grpc.health.v1.Health" in out.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (kv.PutRequest(key=b"", value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.PutRequest(key=b"k" * 4097, value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.PutRequest(key=b"k", value=b"v" * (1024 * 1024 + 1)), grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.PutRequest(key=b"k", value=b"v", shard_id=99), grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.GetRequest(key=b""), grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.GetRequest(key=b"never-written"), grpc.StatusCode.NOT_FOUND),
+        (kv.DeleteRequest(key=b"k" * 5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            kv.CompareAndSwapRequest(key=b"never-written", value=b"x", expected_value=b"y"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (kv.CompareAndSwapRequest(key=b"k", value=b"x"), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_input_gets_a_clear_code_and_the_node_keeps_serving(
+    cluster3: LocalCluster, request_: object, code: grpc.StatusCode
+) -> None:
+    method = {
+        kv.PutRequest: "Put",
+        kv.GetRequest: "Get",
+        kv.DeleteRequest: "Delete",
+        kv.CompareAndSwapRequest: "CompareAndSwap",
+    }[type(request_)]
+    with cluster3.channel("n3") as ch:
+        stub = kv_grpc.KVStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(stub, method)(request_, timeout=10)
+        assert info.value.code() == code, info.value.details()
+        assert info.value.details()  # a message that says why
+        stub.Put(kv.PutRequest(key=b"after-bad", value=b"ok"), timeout=10)
+        assert stub.Get(kv.GetRequest(key=b"after-bad"), timeout=10).value == b"ok"
+    assert all(n.running for n in cluster3.nodes.values())
