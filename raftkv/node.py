@@ -296,11 +296,20 @@ class Node:
 
         async def ask(peer: Peer) -> None:
             try:
-                views[peer.node_id] = await peer.cluster.Status(
-                    kv.StatusRequest(local_only=True), timeout=timeout
-                )
+                view = await peer.cluster.Status(kv.StatusRequest(local_only=True), timeout=timeout)
             except grpc.aio.AioRpcError:
                 views[peer.node_id] = None
+                return
+            if view.cluster_fingerprint != self.cluster.fingerprint:
+                log.warning(
+                    "node %s reports cluster fingerprint %s, ours is %s: ignoring its status",
+                    peer.node_id,
+                    view.cluster_fingerprint,
+                    self.cluster.fingerprint,
+                )
+                views[peer.node_id] = None
+                return
+            views[peer.node_id] = view
 
         await asyncio.gather(*(ask(p) for p in self.peers.values()))
         for n in resp.nodes:

@@ -48,6 +48,8 @@ PING = "ping"
 BUFFER_BYTES = 2**20
 RECONNECT_INTERVAL_S = 0.5
 PING_INTERVAL_S = 0.5
+# A peer that refused us (other cluster file) is retried this much less often.
+REFUSED_BACKOFF_S = 5.0
 
 
 class RaftBindError(RuntimeError):
@@ -277,7 +279,14 @@ class MuxTransport:
             if reason != peer.refused_reason:
                 log.error("%s", reason)
                 peer.refused_reason = reason
-            conn.disconnect()
+            if dialed is None:
+                # Answer with our hello so the dialer sees the mismatch and logs it too; it
+                # hangs up, or the connection times out. Closing first could lose the hello.
+                conn.setOnMessageReceivedCallback(lambda _message: None)
+                conn.send(self._hello())
+            else:
+                peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
+                conn.disconnect()
             return
         if dialed is None:
             self._unknown.discard(conn)

@@ -1,0 +1,114 @@
+"""Cluster shape and identity: replica counts, foreign cluster files, data dir guards."""
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from raftkv import Client
+from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.config import ClusterConfig
+from raftkv.testing.cluster import LocalCluster, wait_for
+
+
+def test_with_two_replicas_on_three_nodes_each_shard_lives_on_exactly_two(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=2) as c:
+        c.start()
+        status = c.status()
+        for shard in status.shards:
+            assert len(shard.replicas) == 2
+            assert sorted(r.node for r in shard.replica_status) == sorted(shard.replicas)
+            assert shard.leader in shard.replicas
+
+        async def rw() -> None:
+            # every node serves every key, including shards it holds no replica of
+            for ep in c.endpoints:
+                async with Client(ep, leader_aware=False) as cl:
+                    for i in range(16):
+                        await cl.put(f"{ep}-{i}".encode(), b"x")
+                        assert (await cl.get(f"{ep}-{i}".encode())).value == b"x"
+
+        asyncio.run(rw())
+
+
+def test_nodes_from_different_cluster_files_refuse_each_other(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=4, replicas=3) as c:
+        # n3 gets a cluster file with the same addresses but another shard count
+        other = ClusterConfig(shards=5, replicas=3, nodes=c.config.nodes)
+        odd = tmp_path / "other.toml"
+        odd.write_text(other.to_toml())
+        c.base_dir.mkdir(parents=True, exist_ok=True)
+        c.cluster_file.write_text(c.config.to_toml())
+        c.start_node("n1", wait=False)
+        c.start_node("n2", wait=False)
+        n3 = c.nodes["n3"]
+        n3.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = c.command("n3")
+        cmd[cmd.index("--cluster") + 1] = str(odd)
+        n3.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        c.wait_healthy(30)
+        log_n1 = n3.log_dir / "n1" / "raftkv.log"
+        log_n3 = n3.log_dir / "n3" / "raftkv.log"
+
+        def refused() -> bool:
+            return "different cluster files" in log_n1.read_text() and (
+                "different cluster files" in log_n3.read_text()
+            )
+
+        wait_for(refused, 20, "both sides to log the refusal")
+        # n1 and n2 still form a working cluster on their own
+        c.wait_leaders(30, exclude={"n3"})
+
+
+def test_a_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
+        c.start()
+        c.stop()
+        cmd = c.command("n2")
+        cmd[cmd.index("--data-dir") + 1] = str(c.nodes["n1"].data_dir)
+        got = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert got.returncode != 0
+        assert "belongs to node 'n1'" in got.stderr
+
+
+def test_without_quorum_requests_fail_unavailable_with_a_reason(tmp_path: Path) -> None:
+    with LocalCluster.create(
+        tmp_path,
+        nodes=3,
+        shards=2,
+        replicas=3,
+        extra_args=("--leader-wait", "1", "--proposal-timeout", "1"),
+    ) as c:
+        c.start()
+        with c.channel("n1") as ch:
+            stub = kv_grpc.KVStub(ch)
+            stub.Put(kv.PutRequest(key=b"q", value=b"1"), timeout=10)
+            # a follower learns the commit on the next heartbeat: wait until n1 has applied it
+            wait_for(
+                lambda: stub.Get(kv.GetRequest(key=b"q", consistency=kv.STALE), timeout=5).value,
+                10,
+                "n1 to apply the write",
+            )
+        c.kill("n2")
+        c.kill("n3")
+        with c.channel("n1") as ch:
+            stub = kv_grpc.KVStub(ch)
+            for request, method in (
+                (kv.PutRequest(key=b"q", value=b"2"), stub.Put),
+                (kv.GetRequest(key=b"q"), stub.Get),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    method(request, timeout=15)
+                assert info.value.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ), info.value
+                assert "shard" in (info.value.details() or "")
+            # stale reads still work from the surviving replica
+            got = stub.Get(kv.GetRequest(key=b"q", consistency=kv.STALE), timeout=10)
+            assert got.value == b"1"
+        assert c.nodes["n1"].running
