@@ -242,22 +242,22 @@ class Node:
 
     # -- status ----------------------------------------------------------------------------
 
-    def local_status(self) -> kv.StatusResponse:
+    async def local_status(self, digest: bool = False) -> kv.StatusResponse:
         resp = self._status_skeleton()
         for s, replica in sorted(self.replicas.items()):
             info = replica.info
-            shard = resp.shards[s]
-            shard.replica_status.append(
-                kv.ReplicaStatus(
-                    node=self.id,
-                    role=info.role,
-                    term=info.term,
-                    commit_index=info.commit_index,
-                    last_applied=info.last_applied,
-                    leader=info.leader,
-                    keys=info.keys,
-                )
+            status = kv.ReplicaStatus(
+                node=self.id,
+                role=info.role,
+                term=info.term,
+                commit_index=info.commit_index,
+                last_applied=info.last_applied,
+                leader=info.leader,
+                keys=info.keys,
             )
+            if digest:
+                status.last_applied, status.digest = await replica.digest()
+            resp.shards[s].replica_status.append(status)
         self._summarize(resp)
         return resp
 
@@ -288,15 +288,17 @@ class Node:
                 else max((r.commit_index for r in shard.replica_status), default=0)
             )
 
-    async def cluster_status(self, timeout: float) -> kv.StatusResponse:
+    async def cluster_status(self, timeout: float, digest: bool = False) -> kv.StatusResponse:
         """Every node's view merged: ask each peer for its local status, with a deadline."""
         resp = self._status_skeleton()
-        local = self.local_status()
+        local = await self.local_status(digest)
         views: dict[str, kv.StatusResponse | None] = {self.id: local}
 
         async def ask(peer: Peer) -> None:
             try:
-                view = await peer.cluster.Status(kv.StatusRequest(local_only=True), timeout=timeout)
+                view = await peer.cluster.Status(
+                    kv.StatusRequest(local_only=True, digest=digest), timeout=timeout
+                )
             except grpc.aio.AioRpcError:
                 views[peer.node_id] = None
                 return

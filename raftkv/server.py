@@ -263,10 +263,10 @@ class ClusterServicer(kv_grpc.ClusterServicer):  # type: ignore[misc]
     @translated
     async def Status(self, request: kv.StatusRequest, context: Context) -> kv.StatusResponse:
         if request.local_only:
-            return self.node.local_status()
+            return await self.node.local_status(request.digest)
         remaining = context.time_remaining()
         timeout = min(1.5, remaining * 0.8) if remaining is not None else 1.5
-        return await self.node.cluster_status(timeout)
+        return await self.node.cluster_status(timeout, request.digest)
 
 
 async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:

@@ -372,6 +372,21 @@ class ShardReplica:
                         f.set_result(index)
         self._barrier_task = None
 
+    async def digest(self) -> tuple[int, str]:
+        """(last applied index, hash of the map), taken on the Raft thread so nothing moves."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, str]] = loop.create_future()
+
+        def settle(value: tuple[int, str]) -> None:
+            if not future.done():
+                future.set_result(value)
+
+        def take() -> None:
+            loop.call_soon_threadsafe(settle, (self._group.last_applied(), self.machine.digest()))
+
+        self._driver.call_soon(take)
+        return await asyncio.wait_for(future, 10.0)
+
     def read_local(self, key: bytes) -> Entry | None:
         return self.machine.get(key)
 

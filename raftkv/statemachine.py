@@ -12,6 +12,7 @@ before returns the first result again and changes nothing. The table keeps the m
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -81,6 +82,16 @@ class StateMachine:
             return pb.CommandResult(version=index, existed=current is not None)
         # A barrier (or an op from a newer version we do not know) changes nothing.
         return pb.CommandResult()
+
+    def digest(self) -> str:
+        """A hash of the whole map (keys, values, versions), equal on replicas that agree."""
+        h = hashlib.blake2b(digest_size=16)
+        for key in sorted(self._data):
+            entry = self._data[key]
+            h.update(len(key).to_bytes(4, "big") + key)
+            h.update(len(entry.value).to_bytes(4, "big") + entry.value)
+            h.update(entry.version.to_bytes(8, "big"))
+        return h.hexdigest()
 
     def snapshot(self) -> pb.Snapshot:
         return pb.Snapshot(

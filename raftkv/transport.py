@@ -24,6 +24,7 @@ private address only, and set a cluster ``secret`` when that network is shared.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 from pysyncobj.encryptor import getEncryptor
 from pysyncobj.node import Node
-from pysyncobj.poller import Poller
+from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import Transport
@@ -68,6 +69,52 @@ class _Peer:
         self.last_attempt = 0.0
         self.last_ping = 0.0
         self.refused_reason = ""
+
+
+class _BoundConnection(TcpConnection):  # type: ignore[misc]
+    """A pysyncobj connection whose outgoing socket binds to our own Raft IP first.
+
+    Then every Raft packet of a node carries its address as source or destination, so a
+    firewall rule on that address cuts exactly that node's Raft traffic (fault tests rely on
+    it), and a multi-homed host sends Raft traffic from the configured interface.
+    """
+
+    def __init__(self, source_ip: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._source_ip = source_ip
+
+    def connect(self, host: str, port: int) -> bool:
+        # pysyncobj 0.3.17's TcpConnection.connect, plus the bind() (pinned version).
+        self._TcpConnection__state = CONNECTION_STATE.DISCONNECTED
+        self._TcpConnection__fileno = None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((self._source_ip, 0))
+        except OSError:
+            sock.close()
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self._TcpConnection__socket = sock
+        self.setSockoptKeepalive()
+        self._TcpConnection__readBuffer = b""
+        self._TcpConnection__writeBuffer = b""
+        self._TcpConnection__lastReadTime = time.monotonic()
+        try:
+            sock.connect((host, port))
+        except OSError as e:
+            if e.errno not in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+                return False
+        self._TcpConnection__fileno = sock.fileno()
+        self._TcpConnection__state = CONNECTION_STATE.CONNECTING
+        self._TcpConnection__poller.subscribe(
+            self._TcpConnection__fileno,
+            self._TcpConnection__processConnection,
+            POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
+        )
+        return True
 
 
 class ShardTransport(Transport):  # type: ignore[misc]
@@ -136,6 +183,7 @@ class MuxTransport:
                 self._peers[n.id] = _Peer(n.id, host, port)
         self._unknown: set[TcpConnection] = set()
         self._server: TcpServer | None = None
+        self._ip = "0.0.0.0"
         # Test hook: peers whose traffic we drop, to model a partition without root.
         self.blocked_peers: set[str] = set()
         self.on_peer_change: Callable[[str, bool], None] | None = None
@@ -145,7 +193,7 @@ class MuxTransport:
     def bind(self) -> None:
         host, port = split_hostport(self._cluster.node(self._node_id).raft, "raft address")
         try:
-            ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            ip = str(socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
             self._server = TcpServer(
                 self._poller,
                 ip,
@@ -156,6 +204,7 @@ class MuxTransport:
                 connectionTimeout=self._timeout,
             )
             self._server.bind()
+            self._ip = ip
         except OSError as e:
             raise RaftBindError(
                 f"cannot bind the Raft port {host}:{port}: {e.strerror or e}"
@@ -211,13 +260,13 @@ class MuxTransport:
 
     def _dial(self, peer: _Peer) -> None:
         try:
-            ip = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][
-                0
-            ]
+            info = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)
+            ip = str(info[0][4][0])
         except OSError as e:
             log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
             return
-        conn = TcpConnection(
+        conn = _BoundConnection(
+            self._ip,
             poller=self._poller,
             timeout=self._timeout,
             sendBufferSize=BUFFER_BYTES,

@@ -121,10 +121,12 @@ class CompareAndSwapResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("local_only",)
+    __slots__ = ("local_only", "digest")
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     local_only: bool
-    def __init__(self, local_only: _Optional[bool] = ...) -> None: ...
+    digest: bool
+    def __init__(self, local_only: _Optional[bool] = ..., digest: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("id", "grpc", "raft", "reachable")
@@ -139,7 +141,7 @@ class NodeInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., grpc: _Optional[str] = ..., raft: _Optional[str] = ..., reachable: _Optional[bool] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("node", "role", "term", "commit_index", "last_applied", "leader", "keys")
+    __slots__ = ("node", "role", "term", "commit_index", "last_applied", "leader", "keys", "digest")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +149,7 @@ class ReplicaStatus(_message.Message):
     LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     node: str
     role: str
     term: int
@@ -154,7 +157,8 @@ class ReplicaStatus(_message.Message):
     last_applied: int
     leader: str
     keys: int
-    def __init__(self, node: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader: _Optional[str] = ..., keys: _Optional[int] = ...) -> None: ...
+    digest: str
+    def __init__(self, node: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader: _Optional[str] = ..., keys: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("shard_id", "replicas", "leader", "term", "commit_index", "replica_status")

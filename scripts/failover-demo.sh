@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# The failover story on the compose cluster (compose.yaml), narrated and checked:
+#
+#   1. docker compose up -d --wait: three healthy nodes, 8 shards, 3 replicas each
+#   2. write N keys (one client process, concurrent puts) and show the cluster status
+#   3. docker compose kill the container that leads the most shards
+#   4. time how long until a write succeeds on every shard again (must be <= 10 s)
+#   5. show the new leaders, read every key back (all present and equal), write N more
+#   6. docker compose start the killed node and wait until every shard's replicas agree
+#   7. read all 2N keys back; docker compose down -v on exit, also on failure
+#
+# Usage: scripts/failover-demo.sh [N]     (N keys, default 100; or RAFTKV_DEMO_KEYS)
+# Needs a Docker engine with compose v2 and the image raftkv:local (see compose.yaml).
+# Exits non-zero if any check fails. Every wait is bounded by a deadline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEYS="${1:-${RAFTKV_DEMO_KEYS:-100}}"
+FAILOVER_LIMIT_S="${RAFTKV_FAILOVER_LIMIT_S:-10}"
+CATCHUP_DEADLINE_S="${RAFTKV_CATCHUP_DEADLINE_S:-60}"
+SERVICES=(n1 n2 n3)
+ENDPOINTS="n1:7001,n2:7001,n3:7001"
+[[ "$KEYS" =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [N keys > 0]" >&2; exit 2; }
+
+compose() { docker compose "$@"; }
+say() { printf '\n==> %s\n' "$*"; }
+ok() { printf 'OK: %s\n' "$*"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+FAILED=0
+fail() {
+  printf 'FAIL: %s\n' "$*" >&2
+  FAILED=1
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ "$rc" != 0 ] || [ "$FAILED" != 0 ]; then
+    say "Something failed: container states and the last log lines"
+    compose ps -a
+    compose logs --no-color --tail 30
+  fi
+  say "Tearing down: docker compose down -v"
+  compose down -v --remove-orphans --timeout 10
+  if [ "$rc" = 0 ] && [ "$FAILED" != 0 ]; then rc=1; fi
+  if [ "$rc" = 0 ]; then
+    printf '\nFAILOVER DEMO PASSED\n'
+  else
+    printf '\nFAILOVER DEMO FAILED (exit %s)\n' "$rc" >&2
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Python run inside a node container (the image has raftkv, grpc and python on PATH).
+# `kvpy SVC SCRIPT ARGS...` runs SCRIPT with `python -c` in service SVC.
+kvpy() {
+  local svc="$1" script="$2"
+  shift 2
+  compose exec -T "$svc" python -c "$script" "$@"
+}
+
+# Writes keys demo-<i> = <tag>-<i> for i in [start, start+count), 32 in flight at a time.
+PY_WRITE='
+import asyncio, sys
+from raftkv import Client
+endpoints, start, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+async def main():
+    sem = asyncio.Semaphore(32)
+    async with Client(endpoints, timeout=30) as c:
+        async def put(i):
+            async with sem:
+                await c.put(f"demo-{i}".encode(), f"{tag}-{i}".encode())
+        await asyncio.gather(*(put(i) for i in range(start, start + count)))
+asyncio.run(main())
+print(f"wrote demo-{start} .. demo-{start + count - 1} ({count} keys)")
+'
+
+# Reads every demo-<i> for i in [0, count) (linearizable) and checks its value: v1-<i> below
+# split, v2-<i> from split on. Prints a one-line summary; exits 1 on any missing or wrong value.
+PY_READ='
+import asyncio, sys
+from raftkv import Client, KeyNotFound
+endpoints, count, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def main():
+    sem = asyncio.Semaphore(32)
+    bad = []
+    async with Client(endpoints, timeout=30) as c:
+        async def check(i):
+            want = (f"v1-{i}" if i < split else f"v2-{i}").encode()
+            async with sem:
+                try:
+                    got = (await c.get(f"demo-{i}".encode())).value
+                except KeyNotFound:
+                    got = None
+            if got != want:
+                bad.append((i, got))
+        await asyncio.gather(*(check(i) for i in range(count)))
+    return sorted(bad)
+bad = asyncio.run(main())
+print(f"{count - len(bad)}/{count} keys present with the value written")
+for i, got in bad[:10]:
+    print(f"  demo-{i}: got {got!r}")
+sys.exit(1 if bad else 0)
+'
+
+# One write per shard (probe keys chosen with the ring to cover every shard), retried until it
+# succeeds or the deadline passes. Prints the seconds it took inside the container.
+PY_PROBE='
+import asyncio, sys, time
+from raftkv import Client
+from raftkv.ring import Ring
+endpoints, shards, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ring, keys, i = Ring(shards), {}, 0
+while len(keys) < shards:
+    k = f"probe-{i}".encode()
+    keys.setdefault(ring.shard_for(k), k)
+    i += 1
+start = time.monotonic()
+async def main():
+    async with Client(endpoints, timeout=deadline) as c:
+        await asyncio.gather(*(c.put(k, b"after-failover") for k in keys.values()))
+asyncio.run(main())
+print(f"every shard ({shards}) accepted a write after {time.monotonic() - start:.2f}s in the client")
+'
+
+status_json() { compose exec -T "$1" raftkv client --endpoints "$ENDPOINTS" --timeout 10 status -o json; }
+
+# Reads `status -o json` on stdin; prints one fact about it (see the cases).
+PY_STATUS='
+import json, sys
+s = json.load(sys.stdin)
+what = sys.argv[1]
+shards = s["shards"]
+if what == "busiest":
+    counts = {}
+    for sh in shards:
+        if sh["leader"]:
+            counts[sh["leader"]] = counts.get(sh["leader"], 0) + 1
+    node = max(sorted(counts), key=lambda n: counts[n])
+    led = sorted(sh["shard"] for sh in shards if sh["leader"] == node)
+    print(node, ",".join(map(str, led)))
+elif what == "leaders-ok":
+    # every shard has a leader, and it is not the excluded node
+    bad = [sh["shard"] for sh in shards if not sh["leader"] or sh["leader"] == sys.argv[2]]
+    sys.exit(1 if bad or not shards else 0)
+elif what == "caught-up":
+    want = int(sys.argv[2])
+    lagging = []
+    for sh in shards:
+        rs = sh["replica_status"]
+        commits = {r["node"]: r["commit_index"] for r in rs}
+        applied = {r["node"]: r["last_applied"] for r in rs}
+        keys = {r["keys"] for r in rs}
+        if len(rs) != want or len(set(commits.values())) != 1 or len(keys) != 1 \
+                or set(applied.values()) != set(commits.values()):
+            sid = sh["shard"]
+            lagging.append(f"shard {sid}: " + " ".join(f"{n}={c}" for n, c in commits.items()))
+    print("; ".join(lagging) if lagging else "all shards agree")
+    sys.exit(1 if lagging else 0)
+'
+status_fact() { python3 -c "$PY_STATUS" "$@"; }
+
+T_START=$(now)
+
+say "Starting the cluster: docker compose up -d --wait (3 nodes, 8 shards, 3 replicas each)"
+t=$(now)
+compose up -d --wait
+compose ps -a
+ok "all three nodes healthy after $(since "$t")s"
+
+say "Waiting for every shard to elect a leader"
+deadline=$((SECONDS + 30))
+until status_json n1 2>/dev/null | status_fact leaders-ok none; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    fail "not every shard had a leader within 30s"
+    exit 1
+  fi
+  sleep 0.5
+done
+ok "every shard has a leader"
+
+say "Writing $KEYS keys through all three nodes (one client, concurrent puts)"
+t=$(now)
+kvpy n1 "$PY_WRITE" "$ENDPOINTS" 0 "$KEYS" v1
+ok "wrote $KEYS keys in $(since "$t")s"
+
+say "Cluster status: every shard has a leader; commit indexes agree"
+compose exec -T n1 raftkv client --endpoints "$ENDPOINTS" status
+
+read -r VICTIM LED < <(status_json n1 | status_fact busiest)
+SURVIVORS=()
+for s in "${SERVICES[@]}"; do [ "$s" = "$VICTIM" ] || SURVIVORS+=("$s"); done
+CLIENT="${SURVIVORS[0]}"
+SURVIVOR_ENDPOINTS="${SURVIVORS[0]}:7001,${SURVIVORS[1]}:7001"
+
+say "Killing $VICTIM (docker compose kill, SIGKILL): it leads shards $LED"
+compose kill "$VICTIM"
+T_KILL=$(now)
+compose ps -a
+
+say "Writing to every shard through $SURVIVOR_ENDPOINTS until each write succeeds (limit ${FAILOVER_LIMIT_S}s)"
+if kvpy "$CLIENT" "$PY_PROBE" "$SURVIVOR_ENDPOINTS" 8 "$FAILOVER_LIMIT_S"; then
+  took=$(since "$T_KILL")
+  if awk -v t="$took" -v l="$FAILOVER_LIMIT_S" 'BEGIN { exit !(t <= l) }'; then
+    ok "writes succeeded on every shard ${took}s after the kill (limit ${FAILOVER_LIMIT_S}s)"
+  else
+    fail "writes took ${took}s after the kill (limit ${FAILOVER_LIMIT_S}s)"
+  fi
+else
+  fail "writes did not succeed on every shard within ${FAILOVER_LIMIT_S}s of the kill"
+fi
+
+say "New leaders ($VICTIM shows as unreachable)"
+deadline=$((SECONDS + 30))
+until status_json "$CLIENT" 2>/dev/null | status_fact leaders-ok "$VICTIM"; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    fail "some shard had no leader outside $VICTIM 30s after the kill"
+    break
+  fi
+  sleep 0.5
+done
+compose exec -T "$CLIENT" raftkv client --endpoints "$SURVIVOR_ENDPOINTS" status || true
+
+say "Reading back all $KEYS keys with $VICTIM down"
+if kvpy "$CLIENT" "$PY_READ" "$SURVIVOR_ENDPOINTS" "$KEYS" "$KEYS"; then
+  ok "all $KEYS keys read back intact after killing $VICTIM"
+else
+  fail "keys missing or wrong after killing $VICTIM"
+fi
+
+say "Writing $KEYS more keys with $VICTIM down"
+t=$(now)
+if kvpy "$CLIENT" "$PY_WRITE" "$SURVIVOR_ENDPOINTS" "$KEYS" "$KEYS" v2; then
+  ok "wrote $KEYS more keys with $VICTIM down in $(since "$t")s"
+else
+  fail "writes failed with $VICTIM down"
+fi
+
+say "Restarting $VICTIM: docker compose start, then up -d --wait $VICTIM (start has no --wait)"
+t=$(now)
+compose start "$VICTIM"
+compose up -d --wait "$VICTIM"
+ok "$VICTIM healthy again after $(since "$t")s"
+
+say "Waiting (at most ${CATCHUP_DEADLINE_S}s) until $VICTIM has caught up: every shard's replicas agree"
+t=$(now)
+deadline=$((SECONDS + CATCHUP_DEADLINE_S))
+last=""
+while true; do
+  if last=$(status_json "$VICTIM" 2>/dev/null | status_fact caught-up 3); then
+    ok "$VICTIM caught up after $(since "$t")s: every shard's replicas have the same commit index"
+    break
+  fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    fail "$VICTIM did not catch up within ${CATCHUP_DEADLINE_S}s (${last:-no status})"
+    break
+  fi
+  sleep 1
+done
+compose exec -T "$VICTIM" raftkv client --endpoints "$ENDPOINTS" status
+
+say "Reading all $((2 * KEYS)) keys back through the restarted $VICTIM"
+if kvpy "$VICTIM" "$PY_READ" "$VICTIM:7001" "$((2 * KEYS))" "$KEYS"; then
+  ok "all $((2 * KEYS)) keys intact across the whole story"
+else
+  fail "keys missing or wrong at the end"
+fi
+
+say "Done in $(since "$T_START")s"
+[ "$FAILED" = 0 ]
