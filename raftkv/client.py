@@ -25,7 +25,7 @@ import grpc
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
-from raftkv.errors import RaftKVError, Unavailable, rpc_error
+from raftkv.errors import RaftKVError, Unavailable, error_from_status, rpc_error
 from raftkv.ring import Ring
 
 T = TypeVar("T")
@@ -149,7 +149,7 @@ class Client:
                 assert last is not None
                 raise last
             await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, 0.25)
 
     def _remember(self, header: kv.ResponseHeader) -> None:
         if header.leader_endpoint:
@@ -220,6 +220,89 @@ class Client:
     async def status(self) -> kv.StatusResponse:
         return await self.refresh()
 
+    async def _groups(self, keys: Sequence[bytes]) -> dict[int | None, list[int]]:
+        groups: dict[int | None, list[int]] = {}
+        shard = await self._route(keys[0]) if keys else None
+        for i, key in enumerate(keys):
+            s = self._ring.shard_for(key) if self._ring is not None and shard is not None else None
+            groups.setdefault(s, []).append(i)
+        return groups
+
+    async def _bulk(self, shard: int | None, send: Callable[[str], Awaitable[Any]]) -> Any:
+        """Send one shard's part of a bulk request; retry while its keys fail retryably."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        while True:
+            resp = await self._call(shard, send)
+            for h in resp.headers:
+                self._remember(h)
+            errors = [r.error for r in resp.results if r.error.code]
+            if not errors:
+                return resp
+            err = error_from_status(
+                grpc.StatusCode[errors[0].code],
+                errors[0].message,
+                {
+                    "raftkv-leader": errors[0].leader,
+                    "raftkv-leader-endpoint": errors[0].leader_endpoint,
+                },
+            )
+            if not err.retryable or time.monotonic() + delay > deadline:
+                raise err
+            if shard is not None:
+                if errors[0].leader_endpoint:
+                    self._leaders[shard] = errors[0].leader_endpoint
+                else:
+                    self._leaders.pop(shard, None)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+
+    async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[int]:
+        """Write many keys; each shard's keys commit as one Raft entry. Returns versions."""
+        rid = self._rid()
+        versions = [0] * len(items)
+        groups = await self._groups([k for k, _ in items])
+
+        async def one(shard: int | None, positions: list[int]) -> None:
+            req = kv.PutManyRequest(
+                items=[kv.KeyValue(key=items[i][0], value=items[i][1]) for i in positions],
+                request_id=rid,
+            )
+            resp = await self._bulk(
+                shard,
+                lambda ep: kv_grpc.KVStub(self._channel(ep)).PutMany(
+                    req, timeout=self.attempt_timeout
+                ),
+            )
+            for i, r in zip(positions, resp.results, strict=True):
+                versions[i] = r.version
+
+        await asyncio.gather(*(one(s, p) for s, p in groups.items()))
+        return versions
+
+    async def get_many(
+        self, keys: Sequence[bytes], *, stale: bool = False
+    ) -> list[GetResult | None]:
+        """Read many keys (one read barrier per shard). Missing keys come back as None."""
+        out: list[GetResult | None] = [None] * len(keys)
+        groups = await self._groups(keys)
+        consistency = kv.STALE if stale else kv.LINEARIZABLE
+
+        async def one(shard: int | None, positions: list[int]) -> None:
+            req = kv.GetManyRequest(keys=[keys[i] for i in positions], consistency=consistency)
+            resp = await self._bulk(
+                shard,
+                lambda ep: kv_grpc.KVStub(self._channel(ep)).GetMany(
+                    req, timeout=self.attempt_timeout
+                ),
+            )
+            for i, r in zip(positions, resp.results, strict=True):
+                if r.found:
+                    out[i] = GetResult(r.value, r.version, r.shard_id, "")
+
+        await asyncio.gather(*(one(s, p) for s, p in groups.items()))
+        return out
+
 
 class SyncClient:
     """A blocking facade over :class:`Client`, driving it on a private event-loop thread."""
@@ -251,6 +334,12 @@ class SyncClient:
 
     def status(self) -> kv.StatusResponse:
         return self._run(self._client.status())
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[int]:
+        return self._run(self._client.put_many(items))
+
+    def get_many(self, keys: Sequence[bytes], *, stale: bool = False) -> list[GetResult | None]:
+        return self._run(self._client.get_many(keys, stale=stale))
 
     def close(self) -> None:
         self._run(self._client.close())

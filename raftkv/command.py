@@ -21,6 +21,14 @@ def put(key: bytes, value: bytes, client_id: bytes = b"", seq: int = 0) -> bytes
     ).SerializeToString()
 
 
+def put_batch(items: list[tuple[bytes, bytes]], client_id: bytes = b"", seq: int = 0) -> bytes:
+    return pb.Command(
+        client_id=client_id,
+        seq=seq,
+        batch=pb.BatchOp(puts=[pb.PutOp(key=k, value=v) for k, v in items]),
+    ).SerializeToString()
+
+
 def delete(key: bytes, client_id: bytes = b"", seq: int = 0) -> bytes:
     return pb.Command(client_id=client_id, seq=seq, delete=pb.DeleteOp(key=key)).SerializeToString()
 

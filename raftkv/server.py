@@ -42,6 +42,8 @@ from raftkv.shard import ShardReplica
 
 log = logging.getLogger("raftkv.server")
 
+MAX_BULK_ITEMS = 10_000
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -69,6 +71,19 @@ def translated(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
+
+
+def _headers(resp: Any) -> list[kv.ResponseHeader]:
+    if hasattr(resp, "headers"):
+        return list(resp.headers)
+    return [resp.header]
+
+
+def _key_error(e: RaftKVError) -> kv.KeyError:
+    err = kv.KeyError(code=status_for(e).name, message=str(e))
+    if isinstance(e, Unavailable):
+        err.leader, err.leader_endpoint = e.leader, e.leader_endpoint
+    return err
 
 
 def _is_forwarded(context: Context) -> bool:
@@ -135,7 +150,8 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             forwarded=_is_forwarded(context),
             deadline=self._deadline(context),
         )
-        self.node.learn_leader(shard, resp.header.leader)  # type: ignore[attr-defined]
+        for header in _headers(resp):
+            self.node.learn_leader(header.shard_id, header.leader)
         return resp
 
     @translated
@@ -254,6 +270,123 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         return await self.node.route(
             shard, local, remote, forwarded=_is_forwarded(context), deadline=self._deadline(context)
         )
+
+    def _group(self, keys: list[bytes]) -> dict[int, list[int]]:
+        """shard → positions in the request, validating every key."""
+        if len(keys) > MAX_BULK_ITEMS:
+            raise InvalidArgument(
+                f"{len(keys)} items; a bulk request takes at most {MAX_BULK_ITEMS}"
+            )
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            try:
+                self.limits.check(key)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"item {i}: {e}") from None
+            groups.setdefault(self.node.shard_for(key), []).append(i)
+        return groups
+
+    @translated
+    async def PutMany(self, request: kv.PutManyRequest, context: Context) -> kv.PutManyResponse:
+        items = list(request.items)
+        for i, item in enumerate(items):
+            if len(item.value) > self.limits.max_value_bytes:
+                raise InvalidArgument(
+                    f"item {i}: value is {len(item.value)} bytes; the limit is "
+                    f"{self.limits.max_value_bytes} bytes"
+                )
+        groups = self._group([item.key for item in items])
+        client_id, seq = self._request_id(request.request_id)
+        rid = kv.RequestId(client_id=client_id, seq=seq)
+        md = self.node.forward_metadata()
+        results = [kv.PutResult() for _ in items]
+        headers: list[kv.ResponseHeader] = []
+
+        async def one_shard(shard: int, positions: list[int]) -> None:
+            part = [items[i] for i in positions]
+            data = command.put_batch([(it.key, it.value) for it in part], client_id, seq)
+            sub = kv.PutManyRequest(items=part, request_id=rid)
+
+            def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.PutManyResponse:
+                return kv.PutManyResponse(
+                    results=[kv.PutResult(shard_id=shard, version=r.version) for _ in part],
+                    headers=[h],
+                )
+
+            try:
+                resp = await self._write(
+                    shard,
+                    data,
+                    context,
+                    lambda peer, t: peer.kv.PutMany(sub, timeout=t, metadata=md),
+                    reply,
+                )
+            except RaftKVError as e:
+                for i in positions:
+                    results[i] = kv.PutResult(shard_id=shard, error=_key_error(e))
+                return
+            headers.extend(resp.headers)
+            for i, r in zip(positions, resp.results, strict=True):
+                results[i] = r
+
+        await asyncio.gather(*(one_shard(s, pos) for s, pos in groups.items()))
+        return kv.PutManyResponse(results=results, headers=headers)
+
+    @translated
+    async def GetMany(self, request: kv.GetManyRequest, context: Context) -> kv.GetManyResponse:
+        keys = list(request.keys)
+        groups = self._group(keys)
+        stale = request.consistency == kv.STALE
+        md = self.node.forward_metadata()
+        results = [kv.GetResult() for _ in keys]
+        headers: list[kv.ResponseHeader] = []
+
+        def read(replica: ShardReplica, index: int, part: list[bytes]) -> kv.GetManyResponse:
+            out = []
+            for key in part:
+                entry = replica.read_local(key)
+                out.append(
+                    kv.GetResult(shard_id=replica.shard_id)
+                    if entry is None
+                    else kv.GetResult(
+                        shard_id=replica.shard_id,
+                        found=True,
+                        value=entry.value,
+                        version=entry.version,
+                    )
+                )
+            return kv.GetManyResponse(results=out, headers=[self._header(replica, index)])
+
+        async def one_shard(shard: int, positions: list[int]) -> None:
+            part = [keys[i] for i in positions]
+            replica = self.node.replicas.get(shard)
+            try:
+                if stale and replica is not None:
+                    resp = read(replica, replica.info.last_applied, part)
+                else:
+
+                    async def local(replica: ShardReplica) -> kv.GetManyResponse:
+                        index = await replica.read_index(self.node.settings.proposal_timeout_s)
+                        return read(replica, index, part)
+
+                    sub = kv.GetManyRequest(keys=part, consistency=request.consistency)
+                    resp = await self.node.route(
+                        shard,
+                        local,
+                        lambda peer, t: peer.kv.GetMany(sub, timeout=t, metadata=md),
+                        forwarded=_is_forwarded(context),
+                        deadline=self._deadline(context),
+                    )
+            except RaftKVError as e:
+                for i in positions:
+                    results[i] = kv.GetResult(shard_id=shard, error=_key_error(e))
+                return
+            headers.extend(resp.headers)
+            for i, r in zip(positions, resp.results, strict=True):
+                results[i] = r
+
+        await asyncio.gather(*(one_shard(s, pos) for s, pos in groups.items()))
+        return kv.GetManyResponse(results=results, headers=headers)
 
 
 class ClusterServicer(kv_grpc.ClusterServicer):  # type: ignore[misc]

@@ -64,6 +64,10 @@ class StateMachine:
         if op == "put":
             self._data[cmd.put.key] = Entry(cmd.put.value, index)
             return pb.CommandResult(version=index)
+        if op == "batch":
+            for put in cmd.batch.puts:
+                self._data[put.key] = Entry(put.value, index)
+            return pb.CommandResult(version=index)
         if op == "delete":
             existed = self._data.pop(cmd.delete.key, None) is not None
             return pb.CommandResult(existed=existed)

@@ -409,3 +409,28 @@ def run(
                 partitioner.remove()
     log.info("nemesis run done (seed %d): %s", seed, report.summary())
     return report
+
+
+def main() -> None:
+    """``python -m raftkv.testing.nemesis --faults 200``: a longer run from the shell."""
+    import argparse
+    import sys
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="Run raftkv's fault injection under load.")
+    ap.add_argument("--faults", type=int, default=200)
+    ap.add_argument("--max-seconds", type=float, default=3600)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--keep", type=Path, default=None, help="keep cluster files and history here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="raftkv-nemesis-"))
+    report = run(base, faults=args.faults, max_seconds=args.max_seconds, seed=args.seed)
+    print(report.summary())
+    if report.check is not None and not report.check.ok:
+        print(report.check.describe())
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

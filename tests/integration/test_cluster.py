@@ -181,3 +181,34 @@ def test_bad_input_gets_a_clear_code_and_the_node_keeps_serving(
         stub.Put(kv.PutRequest(key=b"after-bad", value=b"ok"), timeout=10)
         assert stub.Get(kv.GetRequest(key=b"after-bad"), timeout=10).value == b"ok"
     assert all(n.running for n in cluster3.nodes.values())
+
+
+def test_bulk_put_and_get_many_across_shards(cluster3: LocalCluster) -> None:
+    items = [(f"bulk-{i}".encode(), f"value-{i}".encode()) for i in range(1000)]
+
+    async def run() -> None:
+        async with Client(cluster3.endpoints) as leader_aware:
+            versions = await leader_aware.put_many(items)
+            assert all(v > 0 for v in versions)
+        # a client that always talks to one node exercises server-side grouping/forwarding
+        async with Client(cluster3.endpoint("n2"), leader_aware=False) as plain:
+            got = await plain.get_many([k for k, _ in items] + [b"bulk-missing"])
+            assert [g.value if g else None for g in got] == [v for _, v in items] + [None]
+            await plain.put_many([(b"bulk-0", b"rewritten")])
+            assert (await plain.get(b"bulk-0")).value == b"rewritten"
+
+    asyncio.run(run())
+
+
+def test_bulk_request_with_a_bad_key_is_rejected_whole(cluster3: LocalCluster) -> None:
+    with cluster3.channel("n1") as ch:
+        stub = kv_grpc.KVStub(ch)
+        req = kv.PutManyRequest(
+            items=[kv.KeyValue(key=b"ok", value=b"1"), kv.KeyValue(key=b"", value=b"2")]
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PutMany(req, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "item 1" in (info.value.details() or "")
+        with pytest.raises(grpc.RpcError):
+            stub.Get(kv.GetRequest(key=b"ok"), timeout=10)  # nothing of it was written

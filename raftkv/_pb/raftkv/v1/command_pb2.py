@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17raftkv/v1/command.proto\x12\traftkv.v1\"\xc1\x01\n\x07\x43ommand\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x03put\x18\n \x01(\x0b\x32\x10.raftkv.v1.PutOpH\x00\x12%\n\x06\x64\x65lete\x18\x0b \x01(\x0b\x32\x13.raftkv.v1.DeleteOpH\x00\x12\x1f\n\x03\x63\x61s\x18\x0c \x01(\x0b\x32\x10.raftkv.v1.CasOpH\x00\x12\'\n\x07\x62\x61rrier\x18\r \x01(\x0b\x32\x14.raftkv.v1.BarrierOpH\x00\x42\x04\n\x02op\"#\n\x05PutOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x17\n\x08\x44\x65leteOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"e\n\x05\x43\x61sOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x18\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x12\x1a\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x42\n\n\x08\x65xpected\"\x0b\n\tBarrierOp\"\xa0\x01\n\rCommandResult\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.raftkv.v1.CommandResult.Code\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x03 \x01(\x08\x12\x17\n\x0f\x63urrent_version\x18\x04 \x01(\x04\"\'\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x17\n\x13PRECONDITION_FAILED\x10\x01\"<\n\rSnapshotEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"V\n\nDedupEntry\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x18.raftkv.v1.CommandResult\"8\n\x08LogEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xcf\x01\n\x08Snapshot\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.raftkv.v1.SnapshotEntry\x12$\n\x05\x64\x65\x64up\x18\x02 \x03(\x0b\x32\x15.raftkv.v1.DedupEntry\x12)\n\x0clast_applied\x18\x03 \x01(\x0b\x32\x13.raftkv.v1.LogEntry\x12\x30\n\x13\x62\x65\x66ore_last_applied\x18\x04 \x01(\x0b\x32\x13.raftkv.v1.LogEntry\x12\x15\n\rapplied_index\x18\x05 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17raftkv/v1/command.proto\x12\traftkv.v1\"\xe6\x01\n\x07\x43ommand\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x03put\x18\n \x01(\x0b\x32\x10.raftkv.v1.PutOpH\x00\x12%\n\x06\x64\x65lete\x18\x0b \x01(\x0b\x32\x13.raftkv.v1.DeleteOpH\x00\x12\x1f\n\x03\x63\x61s\x18\x0c \x01(\x0b\x32\x10.raftkv.v1.CasOpH\x00\x12\'\n\x07\x62\x61rrier\x18\r \x01(\x0b\x32\x14.raftkv.v1.BarrierOpH\x00\x12#\n\x05\x62\x61tch\x18\x0e \x01(\x0b\x32\x12.raftkv.v1.BatchOpH\x00\x42\x04\n\x02op\"#\n\x05PutOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x17\n\x08\x44\x65leteOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"e\n\x05\x43\x61sOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x18\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x12\x1a\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x42\n\n\x08\x65xpected\")\n\x07\x42\x61tchOp\x12\x1e\n\x04puts\x18\x01 \x03(\x0b\x32\x10.raftkv.v1.PutOp\"\x0b\n\tBarrierOp\"\xa0\x01\n\rCommandResult\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.raftkv.v1.CommandResult.Code\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x03 \x01(\x08\x12\x17\n\x0f\x63urrent_version\x18\x04 \x01(\x04\"\'\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x17\n\x13PRECONDITION_FAILED\x10\x01\"<\n\rSnapshotEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"V\n\nDedupEntry\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x18.raftkv.v1.CommandResult\"8\n\x08LogEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xcf\x01\n\x08Snapshot\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.raftkv.v1.SnapshotEntry\x12$\n\x05\x64\x65\x64up\x18\x02 \x03(\x0b\x32\x15.raftkv.v1.DedupEntry\x12)\n\x0clast_applied\x18\x03 \x01(\x0b\x32\x13.raftkv.v1.LogEntry\x12\x30\n\x13\x62\x65\x66ore_last_applied\x18\x04 \x01(\x0b\x32\x13.raftkv.v1.LogEntry\x12\x15\n\rapplied_index\x18\x05 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftkv.v1.command_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMMAND']._serialized_start=39
-  _globals['_COMMAND']._serialized_end=232
-  _globals['_PUTOP']._serialized_start=234
-  _globals['_PUTOP']._serialized_end=269
-  _globals['_DELETEOP']._serialized_start=271
-  _globals['_DELETEOP']._serialized_end=294
-  _globals['_CASOP']._serialized_start=296
-  _globals['_CASOP']._serialized_end=397
-  _globals['_BARRIEROP']._serialized_start=399
-  _globals['_BARRIEROP']._serialized_end=410
-  _globals['_COMMANDRESULT']._serialized_start=413
-  _globals['_COMMANDRESULT']._serialized_end=573
-  _globals['_COMMANDRESULT_CODE']._serialized_start=534
-  _globals['_COMMANDRESULT_CODE']._serialized_end=573
-  _globals['_SNAPSHOTENTRY']._serialized_start=575
-  _globals['_SNAPSHOTENTRY']._serialized_end=635
-  _globals['_DEDUPENTRY']._serialized_start=637
-  _globals['_DEDUPENTRY']._serialized_end=723
-  _globals['_LOGENTRY']._serialized_start=725
-  _globals['_LOGENTRY']._serialized_end=781
-  _globals['_SNAPSHOT']._serialized_start=784
-  _globals['_SNAPSHOT']._serialized_end=991
+  _globals['_COMMAND']._serialized_end=269
+  _globals['_PUTOP']._serialized_start=271
+  _globals['_PUTOP']._serialized_end=306
+  _globals['_DELETEOP']._serialized_start=308
+  _globals['_DELETEOP']._serialized_end=331
+  _globals['_CASOP']._serialized_start=333
+  _globals['_CASOP']._serialized_end=434
+  _globals['_BATCHOP']._serialized_start=436
+  _globals['_BATCHOP']._serialized_end=477
+  _globals['_BARRIEROP']._serialized_start=479
+  _globals['_BARRIEROP']._serialized_end=490
+  _globals['_COMMANDRESULT']._serialized_start=493
+  _globals['_COMMANDRESULT']._serialized_end=653
+  _globals['_COMMANDRESULT_CODE']._serialized_start=614
+  _globals['_COMMANDRESULT_CODE']._serialized_end=653
+  _globals['_SNAPSHOTENTRY']._serialized_start=655
+  _globals['_SNAPSHOTENTRY']._serialized_end=715
+  _globals['_DEDUPENTRY']._serialized_start=717
+  _globals['_DEDUPENTRY']._serialized_end=803
+  _globals['_LOGENTRY']._serialized_start=805
+  _globals['_LOGENTRY']._serialized_end=861
+  _globals['_SNAPSHOT']._serialized_start=864
+  _globals['_SNAPSHOT']._serialized_end=1071
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Command(_message.Message):
-    __slots__ = ("client_id", "seq", "put", "delete", "cas", "barrier")
+    __slots__ = ("client_id", "seq", "put", "delete", "cas", "barrier", "batch")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     CAS_FIELD_NUMBER: _ClassVar[int]
     BARRIER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     client_id: bytes
     seq: int
     put: PutOp
     delete: DeleteOp
     cas: CasOp
     barrier: BarrierOp
-    def __init__(self, client_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., put: _Optional[_Union[PutOp, _Mapping]] = ..., delete: _Optional[_Union[DeleteOp, _Mapping]] = ..., cas: _Optional[_Union[CasOp, _Mapping]] = ..., barrier: _Optional[_Union[BarrierOp, _Mapping]] = ...) -> None: ...
+    batch: BatchOp
+    def __init__(self, client_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., put: _Optional[_Union[PutOp, _Mapping]] = ..., delete: _Optional[_Union[DeleteOp, _Mapping]] = ..., cas: _Optional[_Union[CasOp, _Mapping]] = ..., barrier: _Optional[_Union[BarrierOp, _Mapping]] = ..., batch: _Optional[_Union[BatchOp, _Mapping]] = ...) -> None: ...
 
 class PutOp(_message.Message):
     __slots__ = ("key", "value")
@@ -48,6 +50,12 @@ class CasOp(_message.Message):
     expected_value: bytes
     expected_version: int
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expected_value: _Optional[bytes] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class BatchOp(_message.Message):
+    __slots__ = ("puts",)
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    puts: _containers.RepeatedCompositeFieldContainer[PutOp]
+    def __init__(self, puts: _Optional[_Iterable[_Union[PutOp, _Mapping]]] = ...) -> None: ...
 
 class BarrierOp(_message.Message):
     __slots__ = ()

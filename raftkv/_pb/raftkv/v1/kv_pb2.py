@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12raftkv/v1/kv.proto\x12\traftkv.v1\"+\n\tRequestId\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"h\n\x0eResponseHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x17\n\x0fleader_endpoint\x18\x05 \x01(\t\"v\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12(\n\nrequest_id\x18\x03 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"I\n\x0bPutResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"j\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.raftkv.v1.Consistency\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"X\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06header\x18\x03 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\"j\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12(\n\nrequest_id\x18\x02 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"L\n\x0e\x44\x65leteResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"\xc3\x01\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x18\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x12\x1a\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x12(\n\nrequest_id\x18\x05 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08\x65xpectedB\x0b\n\t_shard_id\"T\n\x16\x43ompareAndSwapResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"3\n\rStatusRequest\x12\x12\n\nlocal_only\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x08\"E\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\x12\x11\n\treachable\x18\x04 \x01(\x08\"\x93\x01\n\rReplicaStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x14\n\x0clast_applied\x18\x05 \x01(\x04\x12\x0e\n\x06leader\x18\x06 \x01(\t\x12\x0c\n\x04keys\x18\x07 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\"\x97\x01\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x03(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x04\x12\x30\n\x0ereplica_status\x18\x06 \x03(\x0b\x32\x18.raftkv.v1.ReplicaStatus\"\xac\x01\n\x0eStatusResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.raftkv.v1.NodeInfo\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.raftkv.v1.ShardStatus\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bshard_count\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12\x1b\n\x13\x63luster_fingerprint\x18\x06 \x01(\t*G\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x10\n\x0cLINEARIZABLE\x10\x01\x12\t\n\x05STALE\x10\x02\x32\x86\x02\n\x02KV\x12\x34\n\x03Put\x12\x15.raftkv.v1.PutRequest\x1a\x16.raftkv.v1.PutResponse\x12\x34\n\x03Get\x12\x15.raftkv.v1.GetRequest\x1a\x16.raftkv.v1.GetResponse\x12=\n\x06\x44\x65lete\x12\x18.raftkv.v1.DeleteRequest\x1a\x19.raftkv.v1.DeleteResponse\x12U\n\x0e\x43ompareAndSwap\x12 .raftkv.v1.CompareAndSwapRequest\x1a!.raftkv.v1.CompareAndSwapResponse2H\n\x07\x43luster\x12=\n\x06Status\x12\x18.raftkv.v1.StatusRequest\x1a\x19.raftkv.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12raftkv/v1/kv.proto\x12\traftkv.v1\"+\n\tRequestId\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"h\n\x0eResponseHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x17\n\x0fleader_endpoint\x18\x05 \x01(\t\"v\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12(\n\nrequest_id\x18\x03 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"I\n\x0bPutResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"j\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.raftkv.v1.Consistency\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"X\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06header\x18\x03 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\"j\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12(\n\nrequest_id\x18\x02 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"L\n\x0e\x44\x65leteResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"\xc3\x01\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x18\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x12\x1a\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x12(\n\nrequest_id\x18\x05 \x01(\x0b\x32\x14.raftkv.v1.RequestId\x12\x15\n\x08shard_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08\x65xpectedB\x0b\n\t_shard_id\"T\n\x16\x43ompareAndSwapResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.raftkv.v1.ResponseHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"R\n\x08KeyError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x17\n\x0fleader_endpoint\x18\x04 \x01(\t\"^\n\x0ePutManyRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.raftkv.v1.KeyValue\x12(\n\nrequest_id\x18\x02 \x01(\x0b\x32\x14.raftkv.v1.RequestId\"R\n\tPutResult\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.raftkv.v1.KeyError\"d\n\x0fPutManyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.raftkv.v1.PutResult\x12*\n\x07headers\x18\x02 \x03(\x0b\x32\x19.raftkv.v1.ResponseHeader\"K\n\x0eGetManyRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.raftkv.v1.Consistency\"p\n\tGetResult\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.raftkv.v1.KeyError\"d\n\x0fGetManyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.raftkv.v1.GetResult\x12*\n\x07headers\x18\x02 \x03(\x0b\x32\x19.raftkv.v1.ResponseHeader\"3\n\rStatusRequest\x12\x12\n\nlocal_only\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x08\"E\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\x12\x11\n\treachable\x18\x04 \x01(\x08\"\x93\x01\n\rReplicaStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x14\n\x0clast_applied\x18\x05 \x01(\x04\x12\x0e\n\x06leader\x18\x06 \x01(\t\x12\x0c\n\x04keys\x18\x07 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\"\x97\x01\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x03(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x04\x12\x30\n\x0ereplica_status\x18\x06 \x03(\x0b\x32\x18.raftkv.v1.ReplicaStatus\"\xac\x01\n\x0eStatusResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.raftkv.v1.NodeInfo\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.raftkv.v1.ShardStatus\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bshard_count\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12\x1b\n\x13\x63luster_fingerprint\x18\x06 \x01(\t*G\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x10\n\x0cLINEARIZABLE\x10\x01\x12\t\n\x05STALE\x10\x02\x32\x8a\x03\n\x02KV\x12\x34\n\x03Put\x12\x15.raftkv.v1.PutRequest\x1a\x16.raftkv.v1.PutResponse\x12\x34\n\x03Get\x12\x15.raftkv.v1.GetRequest\x1a\x16.raftkv.v1.GetResponse\x12=\n\x06\x44\x65lete\x12\x18.raftkv.v1.DeleteRequest\x1a\x19.raftkv.v1.DeleteResponse\x12U\n\x0e\x43ompareAndSwap\x12 .raftkv.v1.CompareAndSwapRequest\x1a!.raftkv.v1.CompareAndSwapResponse\x12@\n\x07PutMany\x12\x19.raftkv.v1.PutManyRequest\x1a\x1a.raftkv.v1.PutManyResponse\x12@\n\x07GetMany\x12\x19.raftkv.v1.GetManyRequest\x1a\x1a.raftkv.v1.GetManyResponse2H\n\x07\x43luster\x12=\n\x06Status\x12\x18.raftkv.v1.StatusRequest\x1a\x19.raftkv.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftkv.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSISTENCY']._serialized_start=1650
-  _globals['_CONSISTENCY']._serialized_end=1721
+  _globals['_CONSISTENCY']._serialized_start=2349
+  _globals['_CONSISTENCY']._serialized_end=2420
   _globals['_REQUESTID']._serialized_start=33
   _globals['_REQUESTID']._serialized_end=76
   _globals['_RESPONSEHEADER']._serialized_start=78
@@ -53,18 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPAREANDSWAPREQUEST']._serialized_end=959
   _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=961
   _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=1045
-  _globals['_STATUSREQUEST']._serialized_start=1047
-  _globals['_STATUSREQUEST']._serialized_end=1098
-  _globals['_NODEINFO']._serialized_start=1100
-  _globals['_NODEINFO']._serialized_end=1169
-  _globals['_REPLICASTATUS']._serialized_start=1172
-  _globals['_REPLICASTATUS']._serialized_end=1319
-  _globals['_SHARDSTATUS']._serialized_start=1322
-  _globals['_SHARDSTATUS']._serialized_end=1473
-  _globals['_STATUSRESPONSE']._serialized_start=1476
-  _globals['_STATUSRESPONSE']._serialized_end=1648
-  _globals['_KV']._serialized_start=1724
-  _globals['_KV']._serialized_end=1986
-  _globals['_CLUSTER']._serialized_start=1988
-  _globals['_CLUSTER']._serialized_end=2060
+  _globals['_KEYVALUE']._serialized_start=1047
+  _globals['_KEYVALUE']._serialized_end=1085
+  _globals['_KEYERROR']._serialized_start=1087
+  _globals['_KEYERROR']._serialized_end=1169
+  _globals['_PUTMANYREQUEST']._serialized_start=1171
+  _globals['_PUTMANYREQUEST']._serialized_end=1265
+  _globals['_PUTRESULT']._serialized_start=1267
+  _globals['_PUTRESULT']._serialized_end=1349
+  _globals['_PUTMANYRESPONSE']._serialized_start=1351
+  _globals['_PUTMANYRESPONSE']._serialized_end=1451
+  _globals['_GETMANYREQUEST']._serialized_start=1453
+  _globals['_GETMANYREQUEST']._serialized_end=1528
+  _globals['_GETRESULT']._serialized_start=1530
+  _globals['_GETRESULT']._serialized_end=1642
+  _globals['_GETMANYRESPONSE']._serialized_start=1644
+  _globals['_GETMANYRESPONSE']._serialized_end=1744
+  _globals['_STATUSREQUEST']._serialized_start=1746
+  _globals['_STATUSREQUEST']._serialized_end=1797
+  _globals['_NODEINFO']._serialized_start=1799
+  _globals['_NODEINFO']._serialized_end=1868
+  _globals['_REPLICASTATUS']._serialized_start=1871
+  _globals['_REPLICASTATUS']._serialized_end=2018
+  _globals['_SHARDSTATUS']._serialized_start=2021
+  _globals['_SHARDSTATUS']._serialized_end=2172
+  _globals['_STATUSRESPONSE']._serialized_start=2175
+  _globals['_STATUSRESPONSE']._serialized_end=2347
+  _globals['_KV']._serialized_start=2423
+  _globals['_KV']._serialized_end=2817
+  _globals['_CLUSTER']._serialized_start=2819
+  _globals['_CLUSTER']._serialized_end=2891
 # @@protoc_insertion_point(module_scope)

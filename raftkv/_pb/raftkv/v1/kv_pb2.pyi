@@ -120,6 +120,82 @@ class CompareAndSwapResponse(_message.Message):
     version: int
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
+class KeyValue(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class KeyError(_message.Message):
+    __slots__ = ("code", "message", "leader", "leader_endpoint")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    leader: str
+    leader_endpoint: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., leader: _Optional[str] = ..., leader_endpoint: _Optional[str] = ...) -> None: ...
+
+class PutManyRequest(_message.Message):
+    __slots__ = ("items", "request_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    request_id: RequestId
+    def __init__(self, items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., request_id: _Optional[_Union[RequestId, _Mapping]] = ...) -> None: ...
+
+class PutResult(_message.Message):
+    __slots__ = ("shard_id", "version", "error")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    version: int
+    error: KeyError
+    def __init__(self, shard_id: _Optional[int] = ..., version: _Optional[int] = ..., error: _Optional[_Union[KeyError, _Mapping]] = ...) -> None: ...
+
+class PutManyResponse(_message.Message):
+    __slots__ = ("results", "headers")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PutResult]
+    headers: _containers.RepeatedCompositeFieldContainer[ResponseHeader]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ..., headers: _Optional[_Iterable[_Union[ResponseHeader, _Mapping]]] = ...) -> None: ...
+
+class GetManyRequest(_message.Message):
+    __slots__ = ("keys", "consistency")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    consistency: Consistency
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+
+class GetResult(_message.Message):
+    __slots__ = ("shard_id", "found", "value", "version", "error")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    found: bool
+    value: bytes
+    version: int
+    error: KeyError
+    def __init__(self, shard_id: _Optional[int] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., version: _Optional[int] = ..., error: _Optional[_Union[KeyError, _Mapping]] = ...) -> None: ...
+
+class GetManyResponse(_message.Message):
+    __slots__ = ("results", "headers")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GetResult]
+    headers: _containers.RepeatedCompositeFieldContainer[ResponseHeader]
+    def __init__(self, results: _Optional[_Iterable[_Union[GetResult, _Mapping]]] = ..., headers: _Optional[_Iterable[_Union[ResponseHeader, _Mapping]]] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("local_only", "digest")
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]

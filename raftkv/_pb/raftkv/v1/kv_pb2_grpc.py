@@ -54,6 +54,16 @@ class KVStub:
                 request_serializer=raftkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.SerializeToString,
                 response_deserializer=raftkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.FromString,
                 _registered_method=True)
+        self.PutMany = channel.unary_unary(
+                '/raftkv.v1.KV/PutMany',
+                request_serializer=raftkv_dot_v1_dot_kv__pb2.PutManyRequest.SerializeToString,
+                response_deserializer=raftkv_dot_v1_dot_kv__pb2.PutManyResponse.FromString,
+                _registered_method=True)
+        self.GetMany = channel.unary_unary(
+                '/raftkv.v1.KV/GetMany',
+                request_serializer=raftkv_dot_v1_dot_kv__pb2.GetManyRequest.SerializeToString,
+                response_deserializer=raftkv_dot_v1_dot_kv__pb2.GetManyResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -88,6 +98,21 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutMany(self, request, context):
+        """PutMany writes many keys; keys of one shard commit together as one Raft entry.
+        Results are per key, in request order; a shard that fails fails only its keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMany(self, request, context):
+        """GetMany reads many keys; one read barrier per shard serves all of its keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +135,16 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.CompareAndSwap,
                     request_deserializer=raftkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.FromString,
                     response_serializer=raftkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.SerializeToString,
+            ),
+            'PutMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMany,
+                    request_deserializer=raftkv_dot_v1_dot_kv__pb2.PutManyRequest.FromString,
+                    response_serializer=raftkv_dot_v1_dot_kv__pb2.PutManyResponse.SerializeToString,
+            ),
+            'GetMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMany,
+                    request_deserializer=raftkv_dot_v1_dot_kv__pb2.GetManyRequest.FromString,
+                    response_serializer=raftkv_dot_v1_dot_kv__pb2.GetManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +255,60 @@ class KV:
             '/raftkv.v1.KV/CompareAndSwap',
             raftkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.SerializeToString,
             raftkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftkv.v1.KV/PutMany',
+            raftkv_dot_v1_dot_kv__pb2.PutManyRequest.SerializeToString,
+            raftkv_dot_v1_dot_kv__pb2.PutManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftkv.v1.KV/GetMany',
+            raftkv_dot_v1_dot_kv__pb2.GetManyRequest.SerializeToString,
+            raftkv_dot_v1_dot_kv__pb2.GetManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
