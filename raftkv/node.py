@@ -240,6 +240,50 @@ class Node:
     def forward_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((FORWARDED_METADATA, self.id),)
 
+    # -- leader balance --------------------------------------------------------------------
+
+    def rebalance_once(self) -> bool:
+        """Hand one shard's leadership away if this node leads more than its share.
+
+        Elections are random, so one node often wins most shards (the first to start, or the
+        survivor of a failure) and then does most of the work. Like TiKV's PD leader balancing,
+        but local: each node judges from its own replicas' view and gives away at most one
+        leadership per call, to the replica leading the fewest shards.
+        """
+        leaders = {s: r.info.leader for s, r in self.replicas.items() if r.info.leader}
+        if len(leaders) < len(self.replicas):
+            return False  # an election is in progress somewhere: leave it alone
+        counts = {n: 0 for n in self.cluster.node_ids}
+        for leader in leaders.values():
+            counts[leader] = counts.get(leader, 0) + 1
+        fair = -(-len(self.replicas) // self.cluster.replicas)  # ceil(hosted / R)
+        mine = [s for s, leader in leaders.items() if leader == self.id]
+        if len(mine) <= fair:
+            return False
+        for shard in mine:
+            others = [n for n in self.placement.replicas_of(shard) if n != self.id]
+            target = min(others, key=lambda n: counts[n], default="")
+            if target and counts[target] + 1 < len(mine):
+                log.info(
+                    "shard %d: moving leadership to %s (%s leads %d shards, fair share %d)",
+                    shard,
+                    target,
+                    self.id,
+                    len(mine),
+                    fair,
+                )
+                self.replicas[shard].transfer_leadership(target)
+                return True
+        return False
+
+    async def balance_leaders(self, interval_s: float = 3.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.rebalance_once()
+            except Exception:
+                log.exception("leader balancing failed")
+
     # -- status ----------------------------------------------------------------------------
 
     async def local_status(self, digest: bool = False) -> kv.StatusResponse:

@@ -426,6 +426,7 @@ async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:
     for svc in ("", "raftkv.v1.KV", "raftkv.v1.Cluster"):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving gRPC on %s", node.id, address)
+    balancer = asyncio.create_task(node.balance_leaders())
     if ready is not None:
         ready()
     stop = asyncio.Event()
@@ -434,6 +435,7 @@ async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("node %s stopping", node.id)
+    balancer.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     await node.stop()

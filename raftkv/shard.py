@@ -92,6 +92,16 @@ class _Group(SyncObj):  # type: ignore[misc]
         return int(self._SyncObj__raftLastApplied)
 
 
+class _NoPoll:
+    """Stands in for a group's poller: the driver owns polling (see RaftDriver._run)."""
+
+    def poll(self, _timeout: float) -> None:
+        return None
+
+
+_NO_POLL = _NoPoll()
+
+
 class RaftDriver:
     """The node's single Raft thread: one poller, one transport, every shard group."""
 
@@ -212,9 +222,9 @@ class ShardReplica:
             conf,
             transport=self._transport,
         )
-        # Share the driver's poller: pysyncobj's own poll at the end of each tick then serves
-        # every group's sockets, and our wake-up pipe too.
-        self._group._poller = driver.poller
+        # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
+        # every group's tick would only repeat that syscall eight times over.
+        self._group._poller = _NO_POLL
         self._on_leader_change = on_leader_change
         self._last_leader = ""
         self._last_log_index = 0
@@ -371,6 +381,24 @@ class ShardReplica:
                     if not f.done():
                         f.set_result(index)
         self._barrier_task = None
+
+    def transfer_leadership(self, target: str) -> None:
+        """Ask pysyncobj to hand leadership to ``target`` (TimeoutNow); best effort."""
+
+        def transfer() -> None:
+            def done(_result: Any, error: int) -> None:
+                if error != FAIL_REASON.SUCCESS:
+                    log.info(
+                        "shard %d: leadership transfer to %s declined (%s)",
+                        self.shard_id,
+                        target,
+                        error,
+                    )
+
+            if self._group._isLeader():
+                self._group.transferLeadership(Node(target), done)
+
+        self._driver.call_soon(transfer)
 
     async def digest(self) -> tuple[int, str]:
         """(last applied index, hash of the map), taken on the Raft thread so nothing moves."""

@@ -18,17 +18,20 @@ Connection set-up, per pair of nodes (the node with the larger id dials):
    different fingerprint (started from another cluster file) is refused with a log line that
    says so, and is not retried more often than the reconnect interval.
 
-Security note: frames are pickled by pysyncobj's ``TcpConnection``. Bind the Raft port to a
+Security note: frames are pickled (pysyncobj's messages are Python dicts). Bind the Raft port to a
 private address only, and set a cluster ``secret`` when that network is shared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
+import pickle
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +40,6 @@ from pysyncobj.encryptor import getEncryptor
 from pysyncobj.node import Node
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
-from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import Transport
 
 from raftkv.config import ClusterConfig, split_hostport
@@ -51,6 +53,7 @@ RECONNECT_INTERVAL_S = 0.5
 PING_INTERVAL_S = 0.5
 # A peer that refused us (other cluster file) is retried this much less often.
 REFUSED_BACKOFF_S = 5.0
+_LENGTH = struct.Struct("<I")
 
 
 class RaftBindError(RuntimeError):
@@ -71,32 +74,75 @@ class _Peer:
         self.refused_reason = ""
 
 
-class _BoundConnection(TcpConnection):  # type: ignore[misc]
-    """A pysyncobj connection whose outgoing socket binds to our own Raft IP first.
+class _RaftConnection(TcpConnection):  # type: ignore[misc]
+    """pysyncobj's TcpConnection with our framing, and outgoing sockets bound to our Raft IP.
 
-    Then every Raft packet of a node carries its address as source or destination, so a
-    firewall rule on that address cuts exactly that node's Raft traffic (fault tests rely on
-    it), and a multi-homed host sends Raft traffic from the configured interface.
+    * No zlib: pysyncobj compresses every frame at level 3, which costs more CPU than it saves
+      on a LAN. Frames here are ``len | pickle(protocol 5)`` (Fernet-encrypted with a secret).
+    * ``connect`` binds to our own Raft address first, so every Raft packet of a node carries
+      that address and a firewall rule on it cuts exactly that node (the fault tests rely on
+      it); a multi-homed host sends Raft traffic from the configured interface.
+
+    Both ends of every Raft connection are ours, so the framing only has to match itself.
+    The overrides reach pysyncobj's name-mangled fields; pysyncobj is pinned to 0.3.17.
     """
 
-    def __init__(self, source_ip: str, **kwargs: Any) -> None:
+    _TcpConnection__readBuffer: bytes
+    _TcpConnection__writeBuffer: bytes
+    recvLastTimestamp: int
+
+    def __init__(self, source_ip: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._source_ip = source_ip
 
+    def send(self, message: Any) -> None:
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = pickle.dumps(message, protocol=5)
+        if self.encryptor:
+            data = self.encryptor.encrypt_at_time(data, int(time.monotonic()))
+        self._TcpConnection__writeBuffer += _LENGTH.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
+
+    def _TcpConnection__processParseMessage(self) -> Any:
+        buf = self._TcpConnection__readBuffer
+        if len(buf) < 4:
+            return None
+        (size,) = _LENGTH.unpack_from(buf)
+        if len(buf) - 4 < size:
+            return None
+        data = buf[4 : 4 + size]
+        try:
+            if self.encryptor:
+                stamp = self.encryptor.extract_timestamp(data)
+                if stamp < self.recvLastTimestamp:
+                    raise ValueError("replayed frame")
+                self.recvLastTimestamp = stamp
+                data = self.encryptor.decrypt(data)
+            message = pickle.loads(data)
+            if self.recvRandKey:
+                rand_key, message = message
+                if rand_key != self.recvRandKey:
+                    raise ValueError("frame from another session")
+        except Exception as e:
+            log.warning("dropping a Raft connection: undecodable frame (%s)", e)
+            self.disconnect()
+            return None
+        self._TcpConnection__readBuffer = buf[4 + size :]
+        return message
+
     def connect(self, host: str, port: int) -> bool:
-        # pysyncobj 0.3.17's TcpConnection.connect, plus the bind() (pinned version).
+        # pysyncobj 0.3.17's TcpConnection.connect, plus the bind().
         self._TcpConnection__state = CONNECTION_STATE.DISCONNECTED
         self._TcpConnection__fileno = None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind((self._source_ip, 0))
+            if self._source_ip:
+                sock.bind((self._source_ip, 0))
         except OSError:
             sock.close()
             return False
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
+        _tune(sock)
         self._TcpConnection__socket = sock
         self.setSockoptKeepalive()
         self._TcpConnection__readBuffer = b""
@@ -115,6 +161,63 @@ class _BoundConnection(TcpConnection):  # type: ignore[misc]
             POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
         )
         return True
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+
+
+class _Listener:
+    """The Raft port's listening socket, accepting into :class:`_RaftConnection`."""
+
+    def __init__(
+        self,
+        poller: Poller,
+        ip: str,
+        port: int,
+        on_connection: Callable[[_RaftConnection], None],
+        timeout: float,
+    ) -> None:
+        self._poller = poller
+        self._on_connection = on_connection
+        self._timeout = timeout
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((ip, port))
+            self._sock.listen(64)
+        except OSError:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        poller.subscribe(self._sock.fileno(), self._accept, POLL_EVENT_TYPE.READ)
+
+    def _accept(self, _fd: int, _event: int) -> None:
+        while True:
+            try:
+                sock, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept on the Raft port failed: %s", e)
+                return
+            _tune(sock)
+            conn = _RaftConnection(
+                poller=self._poller,
+                socket=sock,
+                timeout=self._timeout,
+                sendBufferSize=BUFFER_BYTES,
+                recvBufferSize=BUFFER_BYTES,
+            )
+            self._on_connection(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._poller.unsubscribe(self._sock.fileno())
+        self._sock.close()
 
 
 class ShardTransport(Transport):  # type: ignore[misc]
@@ -182,7 +285,7 @@ class MuxTransport:
                 host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
                 self._peers[n.id] = _Peer(n.id, host, port)
         self._unknown: set[TcpConnection] = set()
-        self._server: TcpServer | None = None
+        self._server: _Listener | None = None
         self._ip = "0.0.0.0"
         # Test hook: peers whose traffic we drop, to model a partition without root.
         self.blocked_peers: set[str] = set()
@@ -194,16 +297,7 @@ class MuxTransport:
         host, port = split_hostport(self._cluster.node(self._node_id).raft, "raft address")
         try:
             ip = str(socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
-            self._server = TcpServer(
-                self._poller,
-                ip,
-                port,
-                onNewConnection=self._on_incoming,
-                sendBufferSize=BUFFER_BYTES,
-                recvBufferSize=BUFFER_BYTES,
-                connectionTimeout=self._timeout,
-            )
-            self._server.bind()
+            self._server = _Listener(self._poller, ip, port, self._on_incoming, self._timeout)
             self._ip = ip
         except OSError as e:
             raise RaftBindError(
@@ -225,7 +319,7 @@ class MuxTransport:
         for conn in list(self._unknown):
             conn.disconnect()
         if self._server is not None:
-            self._server.unbind()
+            self._server.close()
 
     def connected_peers(self) -> list[str]:
         return sorted(p.node_id for p in self._peers.values() if p.ready)
@@ -265,7 +359,7 @@ class MuxTransport:
         except OSError as e:
             log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
             return
-        conn = _BoundConnection(
+        conn = _RaftConnection(
             self._ip,
             poller=self._poller,
             timeout=self._timeout,

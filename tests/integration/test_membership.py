@@ -111,3 +111,45 @@ def test_without_quorum_requests_fail_unavailable_with_a_reason(tmp_path: Path) 
             got = stub.Get(kv.GetRequest(key=b"q", consistency=kv.STALE), timeout=10)
             assert got.value == b"1"
         assert c.nodes["n1"].running
+
+
+def test_leadership_spreads_over_the_nodes(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=3) as c:
+        c.start()
+
+        def balanced() -> dict[str, int] | None:
+            counts = c.leader_counts()
+            return counts if sum(counts.values()) == 8 and max(counts.values()) <= 3 else None
+
+        counts = wait_for(balanced, 40, "leaders to spread to at most 3 shards per node")
+        assert min(counts.values()) >= 2
+
+
+def test_a_shared_secret_encrypts_raft_traffic_and_the_cluster_works(tmp_path: Path) -> None:
+    with LocalCluster.create(
+        tmp_path, nodes=3, shards=2, replicas=3, env={"RAFTKV_RAFT_SECRET": "correct horse"}
+    ) as c:
+        c.start()
+
+        async def rw() -> None:
+            async with Client(c.endpoints) as cl:
+                for i in range(20):
+                    await cl.put(f"s{i}".encode(), b"v")
+                assert (await cl.get(b"s7")).value == b"v"
+
+        asyncio.run(rw())
+        # a node with another secret cannot join: it never sees a leader
+        c.kill("n3")
+        c.env = {"RAFTKV_RAFT_SECRET": "wrong"}
+        c.start_node("n3")
+        logs = [c.nodes[n].log_dir / n / "raftkv.log" for n in ("n1", "n2", "n3")]
+        wait_for(
+            lambda: any("undecodable frame" in p.read_text() for p in logs),
+            20,
+            "a node to reject the frames encrypted with the wrong secret",
+        )
+        with c.channel("n3") as ch:
+            status = kv_grpc.ClusterStub(ch).Status(kv.StatusRequest(local_only=True), timeout=5)
+        assert all(
+            not r.leader or r.leader == "n3" for s in status.shards for r in s.replica_status
+        )
