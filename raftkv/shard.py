@@ -82,6 +82,27 @@ class _Group(SyncObj):  # type: ignore[misc]
             return self._machine.apply(data[1:], index)
         return SyncObj._SyncObj__doApplyCommand(self, data)
 
+    # pysyncobj sets nextIndex[peer] from every successful AppendEntries reply, even a reply
+    # to an older request: with entries pipelined (we send as soon as proposals arrive), a
+    # late reply moved nextIndex back and the leader re-sent entries the follower already
+    # had, which the follower then truncated and re-appended ("truncating already-applied
+    # log entries", harmless but costly). Keep the optimistic nextIndex; a failed append
+    # still resets it through the reply's reset flag.
+    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:  # noqa: N802
+        next_index = self._SyncObj__raftNextIndex
+        before = next_index.get(node)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        if (
+            before is not None
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+            and self._isLeader()
+            and next_index.get(node, before) < before
+        ):
+            next_index[node] = before
+
     def force_append_entries(self) -> None:
         self._SyncObj__newAppendEntriesTime = 0.0
 
