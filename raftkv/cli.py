@@ -383,5 +383,133 @@ def demo(
     run(keys, base_port, directory)
 
 
+# -- bench --------------------------------------------------------------------------------------
+
+
+# These mirror raftkv.bench.Workload / Consistency, so that loading the CLI does not import the
+# bench module (and its histogram library) for every other command.
+class BenchWorkload(StrEnum):
+    put = "put"
+    get = "get"
+    mixed = "mixed"
+    cas = "cas"
+
+
+class BenchConsistency(StrEnum):
+    linearizable = "linearizable"
+    stale = "stale"
+
+
+@app.command()
+def bench(
+    workload: Annotated[
+        BenchWorkload,
+        typer.Option(
+            "--workload",
+            "-w",
+            help="put: blind writes. get: reads. mixed: reads and writes (see --read-ratio). "
+            "cas: read a key's version, then compare-and-swap on it; a version that changed in "
+            "between is counted as a conflict, not an error.",
+        ),
+    ] = BenchWorkload.put,
+    endpoints: Annotated[
+        str,
+        typer.Option(
+            "--endpoints",
+            "-e",
+            envvar="RAFTKV_ENDPOINTS",
+            help="Comma-separated host:port gRPC endpoints of any nodes (the client routes "
+            "each key to its shard's leader).",
+        ),
+    ] = DEFAULT_ENDPOINT,
+    read_ratio: Annotated[
+        float, typer.Option(help="mixed only: fraction of operations that are reads (0..1).")
+    ] = 0.5,
+    keys: Annotated[
+        int, typer.Option(help="Size of the key space; each operation picks a key uniformly.")
+    ] = 10_000,
+    key_size: Annotated[int, typer.Option(help="Key length in bytes.")] = 16,
+    value_size: Annotated[int, typer.Option(help="Value length in bytes (random bytes).")] = 100,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Requests in flight, in total across --procs: each slot is a closed loop that "
+            "sends its next request when the previous one answered."
+        ),
+    ] = 16,
+    duration: Annotated[float, typer.Option(help="Seconds of recorded load.")] = 10.0,
+    warmup: Annotated[
+        float, typer.Option(help="Seconds of load before recording starts (not counted).")
+    ] = 1.0,
+    procs: Annotated[
+        int,
+        typer.Option(
+            help="Client processes; --concurrency is split evenly over them and their results "
+            "merged. One Python client process saturates about one core."
+        ),
+    ] = 1,
+    consistency: Annotated[
+        BenchConsistency,
+        typer.Option(
+            help="Reads: linearizable (through a Raft barrier) or stale (any replica's local copy)."
+        ),
+    ] = BenchConsistency.linearizable,
+    preload: Annotated[
+        bool,
+        typer.Option(
+            help="get, mixed and cas: write every key of the key space before the run, so "
+            "reads find values."
+        ),
+    ] = True,
+    server_pids: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated PIDs of local server processes: also report their CPU "
+            "seconds per operation (read from /proc)."
+        ),
+    ] = "",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print exactly one JSON object on stdout (ops_per_s, p50_ms, p90_ms, p99_ms, "
+            "p999_ms, errors, ops, client_cpu_us_per_op, ...) and no progress bar.",
+        ),
+    ] = False,
+) -> None:
+    """Measure throughput and latency: closed-loop load against a running cluster.
+
+    Prints ops/s, latency percentiles (p50/p90/p99/p99.9, from an HDR histogram), errors by
+    gRPC status code, and the client's own CPU time per operation. Warmup is not recorded.
+    """
+    from raftkv import bench as b
+
+    try:
+        pids = [int(p) for p in server_pids.split(",") if p.strip()]
+        config = b.BenchConfig(
+            workload=b.Workload(workload.value),
+            keys=keys,
+            key_size=key_size,
+            value_size=value_size,
+            concurrency=concurrency,
+            duration=duration,
+            warmup=warmup,
+            procs=procs,
+            read_ratio=read_ratio,
+            preload=preload,
+        )
+        b.run_cli(
+            config,
+            endpoints=endpoints,
+            consistency=b.Consistency(consistency.value),
+            as_json=as_json,
+            server_pids=pids,
+        )
+    except (b.BenchError, ValueError) as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+
+
 def main() -> None:
     app()

@@ -88,7 +88,7 @@ class _Group(SyncObj):  # type: ignore[misc]
     # had, which the follower then truncated and re-appended ("truncating already-applied
     # log entries", harmless but costly). Keep the optimistic nextIndex; a failed append
     # still resets it through the reply's reset flag.
-    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:  # noqa: N802
+    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:
         next_index = self._SyncObj__raftNextIndex
         before = next_index.get(node)
         SyncObj._SyncObj__onMessageReceived(self, node, message)

@@ -72,6 +72,7 @@ class _Peer:
         self.last_attempt = 0.0
         self.last_ping = 0.0
         self.refused_reason = ""
+        self.unresolvable = False
 
 
 class _RaftConnection(TcpConnection):  # type: ignore[misc]
@@ -357,8 +358,14 @@ class MuxTransport:
             info = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)
             ip = str(info[0][4][0])
         except OSError as e:
-            log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
+            # Docker's DNS forgets a stopped container: say so once, not every retry.
+            if not peer.unresolvable:
+                log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
+                peer.unresolvable = True
             return
+        if peer.unresolvable:
+            log.info("peer %s (%s) resolves again: %s", peer.node_id, peer.host, ip)
+            peer.unresolvable = False
         conn = _RaftConnection(
             self._ip,
             poller=self._poller,

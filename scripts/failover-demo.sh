@@ -53,7 +53,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # Python run inside a node container (the image has raftkv, grpc and python on PATH).
 # `kvpy SVC SCRIPT ARGS...` runs SCRIPT with `python -c` in service SVC.
@@ -127,6 +128,27 @@ asyncio.run(main())
 print(f"every shard ({shards}) accepted a write after {time.monotonic() - start:.2f}s in the client")
 '
 
+# Lists the node's listening gRPC/Raft sockets (from /proc/net/tcp: no ss in slim images) and
+# checks they are bound to the address the service name resolves to, not to 0.0.0.0.
+PY_LISTEN='
+import socket, sys
+name = sys.argv[1]
+ip = socket.gethostbyname(name)
+found = set()
+for line in open("/proc/net/tcp").readlines()[1:]:
+    f = line.split()
+    if f[3] != "0A":  # LISTEN
+        continue
+    addr, port = f[1].split(":")
+    addr, port = socket.inet_ntoa(bytes.fromhex(addr)[::-1]), int(port, 16)
+    if port in (7001, 7101):
+        print(f"{name} listens on {addr}:{port}")
+        found.add((addr, port))
+ok = found == {(ip, 7001), (ip, 7101)}
+print(f"{name} resolves to {ip}: " + ("both ports bound to it" if ok else f"unexpected {sorted(found)}"))
+sys.exit(0 if ok else 1)
+'
+
 status_json() { compose exec -T "$1" raftkv client --endpoints "$ENDPOINTS" --timeout 10 status -o json; }
 
 # Reads `status -o json` on stdin; prints one fact about it (see the cases).
@@ -182,6 +204,11 @@ until status_json n1 2>/dev/null | status_fact leaders-ok none; do
   sleep 0.5
 done
 ok "every shard has a leader"
+
+say "Each node binds gRPC (7001) and Raft (7101) to the address of its service name"
+for s in "${SERVICES[@]}"; do
+  kvpy "$s" "$PY_LISTEN" "$s" || fail "$s does not listen where its cluster file entry says"
+done
 
 say "Writing $KEYS keys through all three nodes (one client, concurrent puts)"
 t=$(now)
