@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 import time
@@ -67,6 +68,29 @@ def configure_logging(node_id: str, log_dir: Path, level: str) -> Path:
     return path
 
 
+# Set by LocalCluster for the nodes it starts: a test or `local up` that dies, even by
+# SIGKILL, must not leave node processes behind.
+DIE_WITH_PARENT_ENV = "RAFTKV_DIE_WITH_PARENT"
+
+
+def _die_with_parent() -> None:
+    """Stop (SIGTERM to ourselves) as soon as the process that started us is gone.
+
+    Polls the parent pid from a daemon thread; prctl(PR_SET_PDEATHSIG) would be simpler but
+    fires when the *thread* that spawned us exits, and test helpers spawn from worker threads.
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 @app.command()
 def serve(
     cluster: Annotated[
@@ -119,6 +143,8 @@ def serve(
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
     )
+    if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
+        _die_with_parent()
     path = configure_logging(node_id, log_dir, log_level)
     log = logging.getLogger("raftkv.cli")
     log.info("starting node %s (data %s, log %s)", node_id, settings.data_dir, path)

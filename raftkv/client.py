@@ -25,7 +25,8 @@ import grpc
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
-from raftkv.errors import RaftKVError, Unavailable, error_from_status, rpc_error
+from raftkv.batcher import Batcher
+from raftkv.errors import KeyNotFound, RaftKVError, Unavailable, error_from_status, rpc_error
 from raftkv.ring import Ring
 
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class Client:
         timeout: float = 10.0,
         attempt_timeout: float = 5.0,
         leader_aware: bool = True,
+        batching: bool = True,
     ) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
@@ -70,9 +72,12 @@ class Client:
         self.client_id = os.urandom(16)
         self._seq = itertools.count(1)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._kv_stubs: dict[str, kv_grpc.KVStub] = {}
         self._ring: Ring | None = None
         self._leaders: dict[int, str] = {}  # shard → leader gRPC endpoint
         self._next = random.randrange(len(self.endpoints))
+        # Concurrent puts and gets share bulk RPCs (see raftkv.batcher); off: one RPC each.
+        self._batcher = Batcher(self) if batching else None
 
     async def __aenter__(self) -> Client:
         return self
@@ -84,6 +89,7 @@ class Client:
         for ch in self._channels.values():
             await ch.close(None)
         self._channels.clear()
+        self._kv_stubs.clear()
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
@@ -92,6 +98,12 @@ class Client:
                 endpoint, options=GRPC_OPTIONS
             )
         return ch
+
+    def _kv(self, endpoint: str) -> kv_grpc.KVStub:
+        stub = self._kv_stubs.get(endpoint)
+        if stub is None:
+            stub = self._kv_stubs[endpoint] = kv_grpc.KVStub(self._channel(endpoint))
+        return stub
 
     def _any_endpoint(self) -> str:
         self._next = (self._next + 1) % len(self.endpoints)
@@ -160,23 +172,42 @@ class Client:
 
     async def put(self, key: bytes, value: bytes) -> int:
         """Store ``value`` under ``key``; returns the key's new version."""
+        if self._batcher is not None:
+            return await self._batcher.put(key, value)
+        return await self.put_one(key, value)
+
+    async def put_one(self, key: bytes, value: bytes) -> int:
+        """``put`` as its own RPC, never batched."""
         shard = await self._route(key)
         req = kv.PutRequest(key=key, value=value, request_id=self._rid())
         resp: kv.PutResponse = await self._call(
             shard,
-            lambda ep: kv_grpc.KVStub(self._channel(ep)).Put(req, timeout=self.attempt_timeout),
+            lambda ep: self._kv(ep).Put(req, timeout=self.attempt_timeout),
         )
         self._remember(resp.header)
         return resp.version
 
     async def get(self, key: bytes, *, stale: bool = False) -> GetResult:
         """Read ``key`` (linearizable unless ``stale``). Raises KeyNotFound if absent."""
+        if self._batcher is not None:
+            found = await self._batcher.get(key, stale)
+        else:
+            found = await self.get_one(key, stale=stale)
+        if found is None:
+            raise KeyNotFound(f"key not found: {key[:64]!r}")
+        return found
+
+    async def get_one(self, key: bytes, *, stale: bool = False) -> GetResult | None:
+        """``get`` as its own RPC, never batched; None if the key is absent."""
         shard = await self._route(key)
         req = kv.GetRequest(key=key, consistency=kv.STALE if stale else kv.LINEARIZABLE)
-        resp: kv.GetResponse = await self._call(
-            shard,
-            lambda ep: kv_grpc.KVStub(self._channel(ep)).Get(req, timeout=self.attempt_timeout),
-        )
+        try:
+            resp: kv.GetResponse = await self._call(
+                shard,
+                lambda ep: self._kv(ep).Get(req, timeout=self.attempt_timeout),
+            )
+        except KeyNotFound:
+            return None
         self._remember(resp.header)
         return GetResult(resp.value, resp.version, resp.header.shard_id, resp.header.leader)
 
@@ -186,7 +217,7 @@ class Client:
         req = kv.DeleteRequest(key=key, request_id=self._rid())
         resp: kv.DeleteResponse = await self._call(
             shard,
-            lambda ep: kv_grpc.KVStub(self._channel(ep)).Delete(req, timeout=self.attempt_timeout),
+            lambda ep: self._kv(ep).Delete(req, timeout=self.attempt_timeout),
         )
         self._remember(resp.header)
         return resp.existed
@@ -210,9 +241,7 @@ class Client:
             raise ValueError("give expected_value or expected_version")
         resp: kv.CompareAndSwapResponse = await self._call(
             shard,
-            lambda ep: kv_grpc.KVStub(self._channel(ep)).CompareAndSwap(
-                req, timeout=self.attempt_timeout
-            ),
+            lambda ep: self._kv(ep).CompareAndSwap(req, timeout=self.attempt_timeout),
         )
         self._remember(resp.header)
         return resp.version
@@ -221,63 +250,107 @@ class Client:
         return await self.refresh()
 
     async def _groups(self, keys: Sequence[bytes]) -> dict[int | None, list[int]]:
+        """shard → positions of ``keys`` (one None group while the ring is unknown)."""
         groups: dict[int | None, list[int]] = {}
-        shard = await self._route(keys[0]) if keys else None
+        known = bool(keys) and await self._route(keys[0]) is not None
+        ring = self._ring if known else None
         for i, key in enumerate(keys):
-            s = self._ring.shard_for(key) if self._ring is not None and shard is not None else None
-            groups.setdefault(s, []).append(i)
+            groups.setdefault(ring.shard_for(key) if ring is not None else None, []).append(i)
         return groups
 
-    async def _bulk(self, shard: int | None, send: Callable[[str], Awaitable[Any]]) -> Any:
-        """Send one shard's part of a bulk request; retry while its keys fail retryably."""
+    async def _bulk(
+        self,
+        keys: Sequence[bytes],
+        send: Callable[[str, list[int]], Awaitable[Any]],
+        accept: Callable[[int, Any], None],
+    ) -> None:
+        """Run a bulk request: one RPC per leader node, retrying the shards that failed.
+
+        ``send(endpoint, positions)`` sends those positions of the request; ``accept(i, r)``
+        takes the result for position ``i``. A shard's part is always resent identically (same
+        keys, same order, same request id), so the server's per-shard dedup makes retries safe.
+        """
+        pending = await self._groups(keys)
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         while True:
-            resp = await self._call(shard, send)
-            for h in resp.headers:
-                self._remember(h)
-            errors = [r.error for r in resp.results if r.error.code]
-            if not errors:
-                return resp
-            err = error_from_status(
-                grpc.StatusCode[errors[0].code],
-                errors[0].message,
-                {
-                    "raftkv-leader": errors[0].leader,
-                    "raftkv-leader-endpoint": errors[0].leader_endpoint,
-                },
-            )
-            if not err.retryable or time.monotonic() + delay > deadline:
-                raise err
-            if shard is not None:
-                if errors[0].leader_endpoint:
-                    self._leaders[shard] = errors[0].leader_endpoint
-                else:
-                    self._leaders.pop(shard, None)
+            by_endpoint: dict[str, list[int | None]] = {}
+            for shard in pending:
+                ep = (
+                    self._leaders.get(shard, "") if shard is not None else ""
+                ) or self._any_endpoint()
+                by_endpoint.setdefault(ep, []).append(shard)
+
+            async def one(ep: str, shards: list[int | None]) -> RaftKVError | None:
+                positions = sorted(i for sh in shards for i in pending[sh])
+                try:
+                    resp = await send(ep, positions)
+                except grpc.aio.AioRpcError as e:
+                    err = rpc_error(e)
+                    if not err.retryable:
+                        raise err from None
+                    for sh in shards:
+                        if sh is not None:
+                            self._leaders.pop(sh, None)
+                    return err
+                for h in resp.headers:
+                    self._remember(h)
+                failed: RaftKVError | None = None
+                failed_at: set[int] = set()
+                for i, r in zip(positions, resp.results, strict=True):
+                    if not r.error.code:
+                        accept(i, r)
+                        continue
+                    failed_at.add(i)
+                    err = error_from_status(
+                        grpc.StatusCode[r.error.code],
+                        r.error.message,
+                        {
+                            "raftkv-leader": r.error.leader,
+                            "raftkv-leader-endpoint": r.error.leader_endpoint,
+                        },
+                    )
+                    if not err.retryable:
+                        raise err
+                    failed = err
+                    if r.shard_id in self._leaders and r.error.leader_endpoint:
+                        self._leaders[r.shard_id] = r.error.leader_endpoint
+                    elif self._ring is not None:
+                        self._leaders.pop(r.shard_id, None)
+                # shards whose every key succeeded are done
+                done_shards = [sh for sh in shards if failed_at.isdisjoint(pending[sh])]
+                for sh in done_shards:
+                    del pending[sh]
+                return failed
+
+            outcomes = await asyncio.gather(*(one(ep, shs) for ep, shs in by_endpoint.items()))
+            if not pending:
+                return
+            last = next((o for o in outcomes if o is not None), None)
+            if time.monotonic() + delay > deadline:
+                raise last or Unavailable("bulk request did not complete in time")
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.25)
 
     async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[int]:
-        """Write many keys; each shard's keys commit as one Raft entry. Returns versions."""
+        """Write many keys; each shard's keys commit as one Raft entry. Returns versions.
+
+        Keys are grouped by their shard's leader: one RPC per node, not per key or shard.
+        """
         rid = self._rid()
         versions = [0] * len(items)
-        groups = await self._groups([k for k, _ in items])
 
-        async def one(shard: int | None, positions: list[int]) -> None:
+        def send(ep: str, positions: list[int]) -> Awaitable[kv.PutManyResponse]:
             req = kv.PutManyRequest(
                 items=[kv.KeyValue(key=items[i][0], value=items[i][1]) for i in positions],
                 request_id=rid,
             )
-            resp = await self._bulk(
-                shard,
-                lambda ep: kv_grpc.KVStub(self._channel(ep)).PutMany(
-                    req, timeout=self.attempt_timeout
-                ),
-            )
-            for i, r in zip(positions, resp.results, strict=True):
-                versions[i] = r.version
+            return self._kv(ep).PutMany(req, timeout=self.attempt_timeout)  # type: ignore[no-any-return]
 
-        await asyncio.gather(*(one(s, p) for s, p in groups.items()))
+        def accept(i: int, r: kv.PutResult) -> None:
+            versions[i] = r.version
+
+        await self._bulk([k for k, _ in items], send, accept)
         return versions
 
     async def get_many(
@@ -285,22 +358,17 @@ class Client:
     ) -> list[GetResult | None]:
         """Read many keys (one read barrier per shard). Missing keys come back as None."""
         out: list[GetResult | None] = [None] * len(keys)
-        groups = await self._groups(keys)
         consistency = kv.STALE if stale else kv.LINEARIZABLE
 
-        async def one(shard: int | None, positions: list[int]) -> None:
+        def send(ep: str, positions: list[int]) -> Awaitable[kv.GetManyResponse]:
             req = kv.GetManyRequest(keys=[keys[i] for i in positions], consistency=consistency)
-            resp = await self._bulk(
-                shard,
-                lambda ep: kv_grpc.KVStub(self._channel(ep)).GetMany(
-                    req, timeout=self.attempt_timeout
-                ),
-            )
-            for i, r in zip(positions, resp.results, strict=True):
-                if r.found:
-                    out[i] = GetResult(r.value, r.version, r.shard_id, "")
+            return self._kv(ep).GetMany(req, timeout=self.attempt_timeout)  # type: ignore[no-any-return]
 
-        await asyncio.gather(*(one(s, p) for s, p in groups.items()))
+        def accept(i: int, r: kv.GetResult) -> None:
+            if r.found:
+                out[i] = GetResult(r.value, r.version, r.shard_id, "")
+
+        await self._bulk(keys, send, accept)
         return out
 
 

@@ -59,15 +59,22 @@ class Peer:
         self.node_id = node_id
         self.endpoint = endpoint
         self._channel: grpc.aio.Channel | None = None
+        # Stubs are cached: building one creates a callable per RPC method.
+        self._kv: kv_grpc.KVStub | None = None
+        self._cluster: kv_grpc.ClusterStub | None = None
         self.failed_at = 0.0
 
     @property
     def kv(self) -> kv_grpc.KVStub:
-        return kv_grpc.KVStub(self.channel)
+        if self._kv is None:
+            self._kv = kv_grpc.KVStub(self.channel)
+        return self._kv
 
     @property
     def cluster(self) -> kv_grpc.ClusterStub:
-        return kv_grpc.ClusterStub(self.channel)
+        if self._cluster is None:
+            self._cluster = kv_grpc.ClusterStub(self.channel)
+        return self._cluster
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -79,6 +86,7 @@ class Peer:
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
+            self._kv = self._cluster = None
 
 
 class Node:

@@ -54,6 +54,10 @@ log = logging.getLogger("raftkv.shard")
 _REGULAR = b"\x00"
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 SLOW_PROPOSAL_S = 1.0
+# Full tick period of every group (pysyncobj's timers run at this granularity).
+TICK_INTERVAL_S = 0.02
+# Longest time new entries wait for the previous AppendEntries to be acknowledged.
+MAX_APPEND_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class RaftDriver:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.poller.subscribe(self._wake_r, self._drain_wake, POLL_EVENT_TYPE.READ)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._woken = False
         self.tick_error: BaseException | None = None
 
     def add(self, replica: ShardReplica) -> None:
@@ -155,6 +160,10 @@ class RaftDriver:
         self._thread.join(timeout)
 
     def wake(self) -> None:
+        """Make the Raft thread poll return now. Callers set their dirty flag first."""
+        if self._woken:
+            return  # a wake-up is pending; the thread drains it before ticking
+        self._woken = True
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
@@ -164,27 +173,43 @@ class RaftDriver:
         self.wake()
 
     def _drain_wake(self, _fd: int, _event: int) -> None:
+        # Drain first, then clear: a wake() that skipped its write because the flag was still
+        # set has already set its dirty flag, and the tick loop runs after this. Clearing
+        # first could swallow that wake-up's byte and leave the flag set with no byte pending.
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
+        self._woken = False
 
     def _run(self) -> None:
-        busy = False
-        groups_ready = False
+        # Every group gets a full tick (timers: heartbeats, elections, compaction) every
+        # TICK_INTERVAL_S; in between only groups with work are ticked: a proposal arrived,
+        # a message was delivered, or their last tick queued entries that must go out now.
+        # Ticking all eight groups on every wake-up cost more CPU than the requests did.
+        next_full = 0.0
+        logged = False
         while not self._stop.is_set():
             try:
-                self.poller.poll(0.0 if busy else self.tuning.heartbeat_s / 2)
+                dirty = any(r.dirty for r in self._replicas)
+                wait = 0.0 if dirty else max(0.0, next_full - time.monotonic())
+                self.poller.poll(wait)
                 while True:
                     try:
                         self._calls.get_nowait()()
                     except queue.Empty:
                         break
-                self.transport.tick()
-                busy = False
+                now = time.monotonic()
+                full = now >= next_full
+                if full:
+                    next_full = now + TICK_INTERVAL_S
+                    self.transport.tick()
                 for r in self._replicas:
-                    busy |= r.tick()
-                if not groups_ready:
-                    groups_ready = True
+                    if full or r.dirty:
+                        r.dirty = False
+                        if r.tick():
+                            r.dirty = True
+                if not logged:
+                    logged = True
                     log.info("raft thread ticking %d shard groups", len(self._replicas))
             except Exception as e:  # keep the node alive; a tick bug must not stop Raft
                 self.tick_error = e
@@ -234,7 +259,7 @@ class ShardReplica:
             onStateChanged=self._on_state_changed,
         )
         peers = {p: Node(p) for p in peer_ids}
-        self._transport = ShardTransport(driver.transport, shard_id, peers)
+        self._transport = ShardTransport(driver.transport, shard_id, peers, self._mark_dirty)
         driver.transport.attach(self._transport)
         self._group = _Group(
             self.machine,
@@ -249,7 +274,11 @@ class ShardReplica:
         self._on_leader_change = on_leader_change
         self._last_leader = ""
         self._last_log_index = 0
+        self._sent_index = 0
+        self._sent_at = 0.0
         self._info = ReplicaInfo(shard_id, "follower", "", 0, 0, 0, 0)
+        # Set when the group has work for the Raft thread (see RaftDriver._run).
+        self.dirty = True
         # Barrier batching state (asyncio side only).
         self._barrier_waiters: list[asyncio.Future[int]] = []
         self._barrier_task: asyncio.Task[None] | None = None
@@ -263,9 +292,19 @@ class ShardReplica:
         g.doTick(0.0)
         index = g.log_index()
         busy = index != self._last_log_index
-        if busy and g._isLeader():
-            g.force_append_entries()
         self._last_log_index = index
+        if g._isLeader() and index > self._sent_index:
+            # Group commit with one append in flight: send new entries now if everything
+            # sent before has committed; otherwise they wait for the acks (which mark this
+            # group dirty) and then go out together. Idle: one round trip per write. Loaded:
+            # as many entries per AppendEntries as arrived during the last round trip.
+            if g.raftCommitIndex >= self._sent_index or not self._append_in_flight(g):
+                g.force_append_entries()
+                self._sent_index = index
+                self._sent_at = time.monotonic()
+                busy = True
+            else:
+                busy = False
         leader = g._getLeader()
         leader_id = leader.id if leader is not None else ""
         self._info = ReplicaInfo(
@@ -288,6 +327,13 @@ class ShardReplica:
             if self._on_leader_change is not None:
                 self._on_leader_change(self.shard_id, leader_id, self._info.term)
         return busy
+
+    def _append_in_flight(self, g: _Group) -> bool:
+        """Has a majority not yet acknowledged what we sent (and is it recent enough to wait)?"""
+        return time.monotonic() - self._sent_at < MAX_APPEND_WAIT_S
+
+    def _mark_dirty(self) -> None:
+        self.dirty = True
 
     def _role(self) -> str:
         return _ROLES.get(self._group._SyncObj__raftState, "follower")
@@ -359,6 +405,7 @@ class ShardReplica:
             loop.call_soon_threadsafe(_settle, future, result, error, applied, self)
 
         self._group._applyCommand(_REGULAR + data, done)
+        self.dirty = True
         self._driver.wake()
         try:
             return await asyncio.wait_for(future, timeout)
@@ -433,6 +480,7 @@ class ShardReplica:
         def take() -> None:
             loop.call_soon_threadsafe(settle, (self._group.last_applied(), self.machine.digest()))
 
+        self.dirty = True
         self._driver.call_soon(take)
         return await asyncio.wait_for(future, 10.0)
 

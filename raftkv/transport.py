@@ -224,11 +224,19 @@ class _Listener:
 class ShardTransport(Transport):  # type: ignore[misc]
     """The view of the mux that one shard's ``SyncObj`` sees."""
 
-    def __init__(self, mux: MuxTransport, shard_id: int, peers: dict[str, Node]) -> None:
+    def __init__(
+        self,
+        mux: MuxTransport,
+        shard_id: int,
+        peers: dict[str, Node],
+        on_activity: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(None, None, list(peers.values()))
         self._mux = mux
         self.shard_id = shard_id
         self.peers = peers
+        # Tells the Raft thread this group has news and needs a tick soon.
+        self._on_activity = on_activity
 
     def send(self, node: Node, message: Any) -> bool:
         return self._mux.send(node.id, self.shard_id, message)
@@ -237,6 +245,7 @@ class ShardTransport(Transport):  # type: ignore[misc]
         node = self.peers.get(peer_id)
         if node is not None:
             self._onMessageReceived(node, message)
+            self._on_activity()
 
     def peer_connected(self, peer_id: str) -> None:
         node = self.peers.get(peer_id)

@@ -160,7 +160,7 @@ class LocalCluster:
             raise RuntimeError(f"node {node_id} is already running (pid {n.pid})")
         n.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(n.log_dir / f"{node_id}.stdout", "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, "RAFTKV_DIE_WITH_PARENT": "1", **(self.env or {})}
         n.process = subprocess.Popen(
             self.command(node_id), stdout=out, stderr=subprocess.STDOUT, env=env
         )

@@ -162,8 +162,8 @@ def test_local_up_runs_a_cluster_and_ctrl_c_stops_every_process(tmp_path: Path) 
         wait_for(gone, 10, "every node process to exit")
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # local up stops its nodes on SIGTERM
+            proc.wait(30)
 
 
 def _zombie(pid: int) -> bool:
