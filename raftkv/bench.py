@@ -122,14 +122,17 @@ def error_code(exc: BaseException) -> str:
 class RaftKVTarget:
     """raftkv through its own leader-aware :class:`~raftkv.client.Client` (default timeouts)."""
 
-    def __init__(self, endpoints: str, stale: bool = False) -> None:
+    def __init__(self, endpoints: str, stale: bool = False, batching: bool = True) -> None:
         from raftkv.client import Client
 
-        self.client = Client(endpoints)
+        self.client = Client(endpoints, batching=batching)
         self.stale = stale
 
     async def put(self, key: bytes, value: bytes) -> None:
         await self.client.put(key, value)
+
+    async def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        await self.client.put_many(items)
 
     async def get(self, key: bytes) -> int | None:
         from raftkv.errors import KeyNotFound
@@ -156,9 +159,10 @@ class RaftKVTarget:
 class RaftKVTargetFactory:
     endpoints: str
     stale: bool = False
+    batching: bool = True
 
     def __call__(self) -> RaftKVTarget:
-        return RaftKVTarget(self.endpoints, self.stale)
+        return RaftKVTarget(self.endpoints, self.stale, self.batching)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -176,6 +180,8 @@ class BenchConfig:
     procs: int = 1
     read_ratio: float = 0.5
     preload: bool = True
+    # put only: keys per request through the bulk API (PutMany); 1 = single puts.
+    batch: int = 1
     # How long the client processes may take to start and preload before giving up.
     ready_timeout: float = 600.0
 
@@ -194,6 +200,8 @@ class BenchConfig:
             raise BenchError("--duration must be > 0 and --warmup >= 0")
         if not 0.0 <= self.read_ratio <= 1.0:
             raise BenchError("--read-ratio must be between 0 and 1")
+        if self.batch < 1 or (self.batch > 1 and self.workload != Workload.put):
+            raise BenchError("--batch must be >= 1, and > 1 only with the put workload")
 
     @property
     def needs_preload(self) -> bool:
@@ -317,6 +325,9 @@ def summarize(
     }
     if config.workload == Workload.mixed:
         out["read_ratio"] = config.read_ratio
+    if config.batch > 1:
+        out["batch"] = config.batch
+        out["keys_per_s"] = round(ops * config.batch / duration, 1) if duration > 0 else 0.0
     if len(merged.hists) > 1 or config.workload == Workload.cas:
         out["by_op"] = {
             kind: {"ops": int(h.get_total_count()), **latency_ms(h)}
@@ -381,6 +392,13 @@ async def _one_op(
     workload = config.workload
     if workload == Workload.mixed:
         workload = Workload.get if rng.random() < config.read_ratio else Workload.put
+    if workload == Workload.put and config.batch > 1:
+        put_many = getattr(target, "put_many", None)
+        if put_many is None:
+            raise BenchError("this target has no bulk put")
+        keys = [key_name(rng.randrange(config.keys), config.key_size) for _ in range(config.batch)]
+        await put_many([(k, value) for k in keys])
+        return "put", "ok"
     if workload == Workload.put:
         await target.put(key, value)
         return "put", "ok"
@@ -702,9 +720,12 @@ def run_cli(
     consistency: Consistency,
     as_json: bool,
     server_pids: Sequence[int] = (),
+    batching: bool = True,
 ) -> dict[str, Any]:
     """What ``raftkv bench`` does: run against raftkv and print text, or one JSON object."""
-    factory = RaftKVTargetFactory(endpoints, stale=consistency == Consistency.stale)
+    factory = RaftKVTargetFactory(
+        endpoints, stale=consistency == Consistency.stale, batching=batching
+    )
     server_cpu = (lambda: proc_cpu_seconds(server_pids)) if server_pids else None
     summary = run(
         config,

@@ -448,6 +448,20 @@ def bench(
             "each key to its shard's leader).",
         ),
     ] = DEFAULT_ENDPOINT,
+    batching: Annotated[
+        bool,
+        typer.Option(
+            help="Let the client coalesce concurrent requests into bulk RPCs (the default "
+            "client behaviour); --no-batching sends one RPC per operation."
+        ),
+    ] = True,
+    batch: Annotated[
+        int,
+        typer.Option(
+            help="put only: keys per request through the bulk API (PutMany); ops/s then counts "
+            "requests and keys_per_s counts keys."
+        ),
+    ] = 1,
     read_ratio: Annotated[
         float, typer.Option(help="mixed only: fraction of operations that are reads (0..1).")
     ] = 0.5,
@@ -522,6 +536,7 @@ def bench(
             warmup=warmup,
             procs=procs,
             read_ratio=read_ratio,
+            batch=batch,
             preload=preload,
         )
         b.run_cli(
@@ -530,6 +545,7 @@ def bench(
             consistency=b.Consistency(consistency.value),
             as_json=as_json,
             server_pids=pids,
+            batching=batching,
         )
     except (b.BenchError, ValueError) as e:
         raise fail(str(e)) from None
