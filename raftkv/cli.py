@@ -24,7 +24,7 @@ import typer
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.client import DEFAULT_ENDPOINT, Client
-from raftkv.config import ClusterConfig, ConfigError, NodeSettings
+from raftkv.config import ClusterConfig, ConfigError, NodeSettings, RaftTuning
 from raftkv.errors import KeyNotFound, RaftKVError, Unavailable
 
 app = typer.Typer(
@@ -124,6 +124,14 @@ def serve(
     proposal_timeout: Annotated[
         float, typer.Option(help="Seconds a write (or read barrier) may take to commit.")
     ] = 5.0,
+    fsync: Annotated[
+        bool,
+        typer.Option(
+            help="fsync the journal before an entry counts toward a commit (one fsync per "
+            "batch of entries), so acknowledged writes survive power loss. Off: they survive "
+            "process crashes only (the page cache holds them)."
+        ),
+    ] = False,
 ) -> None:
     """Run one node: its shard replicas, one Raft port and one gRPC port.
 
@@ -142,6 +150,7 @@ def serve(
         log_dir=log_dir,
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
+        raft=RaftTuning(fsync=fsync),
     )
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
         _die_with_parent()

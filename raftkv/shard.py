@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import pickle
 import queue
 import threading
 import time
@@ -106,6 +107,22 @@ class _Group(SyncObj):  # type: ignore[misc]
             and next_index.get(node, before) < before
         ):
             next_index[node] = before
+
+    # Compaction truncates the journal right after the snapshot file was renamed into place;
+    # in fsync mode the rename must be durable first, or a power loss could leave neither.
+    def _SyncObj__deleteEntriesTo(self, to_index: int) -> None:
+        if self.before_truncate is not None:
+            self.before_truncate()
+        SyncObj._SyncObj__deleteEntriesTo(self, to_index)
+
+    before_truncate: Callable[[], None] | None = None
+
+    def sync_journal(self) -> None:
+        """Make every appended entry durable: one fsync covers the whole batch."""
+        journal = self._SyncObj__raftLog
+        resizable = journal._FileJournal__journalFile
+        resizable.flush()  # msync of the mapped journal
+        os.fsync(resizable._ResizableFile__f.fileno())
 
     def force_append_entries(self) -> None:
         self._SyncObj__newAppendEntriesTime = 0.0
@@ -268,6 +285,10 @@ class ShardReplica:
             conf,
             transport=self._transport,
         )
+        self._fsync = tuning.fsync
+        self._synced_index = 0
+        if self._fsync:
+            self._make_durable(data_dir)
         # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
         # every group's tick would only repeat that syscall eight times over.
         self._group._poller = _NO_POLL
@@ -293,6 +314,11 @@ class ShardReplica:
         index = g.log_index()
         busy = index != self._last_log_index
         self._last_log_index = index
+        if self._fsync and busy:
+            # The leader counts its own log toward every commit: sync this tick's appends
+            # (all proposals that arrived since the last tick, one fsync) before any
+            # AppendEntries or commit can use them.
+            self._sync_if_needed()
         if g._isLeader() and index > self._sent_index:
             # Group commit with one append in flight: send new entries now if everything
             # sent before has committed; otherwise they wait for the acks (which mark this
@@ -327,6 +353,35 @@ class ShardReplica:
             if self._on_leader_change is not None:
                 self._on_leader_change(self.shard_id, leader_id, self._info.term)
         return busy
+
+    def _make_durable(self, data_dir: Path) -> None:
+        """--fsync: journal appends, term/vote and snapshot renames reach the disk first."""
+        group = self._group
+        storer = group._SyncObj__raftLog._FileJournal__metaStorer
+
+        def store_meta(meta: dict[str, Any]) -> None:
+            path = storer.getPath()
+            with open(path + ".tmp", "wb") as f:
+                f.write(pickle.dumps(meta))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+            _fsync_dir(data_dir)
+
+        storer.storeMeta = store_meta
+        group.before_truncate = lambda: _fsync_dir(data_dir)
+        # A follower acknowledges appended entries only once they are on disk.
+        self._transport.before_send = self._sync_before_ack
+
+    def _sync_before_ack(self, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "next_node_idx":
+            self._sync_if_needed()
+
+    def _sync_if_needed(self) -> None:
+        index = self._group.log_index()
+        if index != self._synced_index:
+            self._group.sync_journal()
+            self._synced_index = index
 
     def _append_in_flight(self, g: _Group) -> bool:
         """Has a majority not yet acknowledged what we sent (and is it recent enough to wait)?"""
@@ -486,6 +541,14 @@ class ShardReplica:
 
     def read_local(self, key: bytes) -> Entry | None:
         return self.machine.get(key)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _settle(

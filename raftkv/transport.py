@@ -237,8 +237,12 @@ class ShardTransport(Transport):  # type: ignore[misc]
         self.peers = peers
         # Tells the Raft thread this group has news and needs a tick soon.
         self._on_activity = on_activity
+        # Runs before any message leaves (the fsync mode makes appends durable there).
+        self.before_send: Callable[[Any], None] | None = None
 
     def send(self, node: Node, message: Any) -> bool:
+        if self.before_send is not None:
+            self.before_send(message)
         return self._mux.send(node.id, self.shard_id, message)
 
     def deliver(self, peer_id: str, message: Any) -> None:
