@@ -373,7 +373,9 @@ def local_up(
         nonlocal stop
         stop = True
 
+    # Handle both explicitly: a SIGINT inherited as ignored (a background job) must still stop us.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with cluster:
         try:
             cluster.start(timeout=60)

@@ -214,10 +214,23 @@ class LocalCluster:
         for node_id in self.nodes:
             self.kill(node_id)
 
-    def stop(self) -> None:
-        for node_id in self.nodes:
-            with contextlib.suppress(Exception):
-                self.stop_node(node_id)
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every node at once, wait for all, SIGKILL whatever is left."""
+        for n in self.nodes.values():
+            if n.process is not None and n.running:
+                if n.paused:
+                    n.process.send_signal(signal.SIGCONT)
+                    n.paused = False
+                n.process.terminate()
+        deadline = time.monotonic() + timeout
+        for n in self.nodes.values():
+            if n.process is None:
+                continue
+            try:
+                n.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.process.kill()
+                n.process.wait(10)
 
     def __enter__(self) -> LocalCluster:
         return self

@@ -353,7 +353,7 @@ def run(
     clients: int = 8,
     keys: int = 8,
     seed: int | None = None,
-    op_timeout: float = 3.0,
+    op_timeout: float = 1.5,
 ) -> RunReport:
     """One bounded nemesis run; returns the report (never raises on a failed check)."""
     seed = seed if seed is not None else random.randrange(1 << 30)
