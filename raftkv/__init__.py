@@ -12,6 +12,13 @@ Architecture map (see DESIGN.md for the long form)::
                         ├─ transport.py    one Raft port, frames tagged by shard id
                         └─ statemachine.py pure KV map + dedup; command.py is its log format
 
+    client side: client.py  ring + leader cache, retries with backoff, bulk calls
+                 batcher.py concurrent puts/gets of one client share one bulk RPC per node
+
+    tools:       cli.py (serve, client, local up, demo, bench), demo.py, bench.py
+    testing/:    cluster.py LocalCluster of real processes; nemesis.py faults under load;
+                 history.py + linearizability.py record and check histories
+
 Public API: :class:`Client` / :class:`SyncClient`, the errors in :mod:`raftkv.errors`, and the
 configuration types in :mod:`raftkv.config`. Test helpers live in :mod:`raftkv.testing`.
 """

@@ -86,6 +86,31 @@ def _key_error(e: RaftKVError) -> kv.KeyError:
     return err
 
 
+async def _fan_out(
+    groups: dict[int, list[int]],
+    size: int,
+    one_shard: Callable[[int, list[int]], Awaitable[Any]],
+    result: Callable[..., Any],
+) -> tuple[list[Any], list[kv.ResponseHeader]]:
+    """Run a bulk request's shards concurrently; a failing shard fails only its own keys."""
+    results: list[Any] = [None] * size
+    headers: list[kv.ResponseHeader] = []
+
+    async def run(shard: int, positions: list[int]) -> None:
+        try:
+            resp = await one_shard(shard, positions)
+        except RaftKVError as e:
+            for i in positions:
+                results[i] = result(shard_id=shard, error=_key_error(e))
+            return
+        headers.extend(resp.headers)
+        for i, r in zip(positions, resp.results, strict=True):
+            results[i] = r
+
+    await asyncio.gather(*(run(s, pos) for s, pos in groups.items()))
+    return results, headers
+
+
 def _is_forwarded(context: Context) -> bool:
     return any(k == FORWARDED_METADATA for k, _ in (context.invocation_metadata() or ()))
 
@@ -299,10 +324,8 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         client_id, seq = self._request_id(request.request_id)
         rid = kv.RequestId(client_id=client_id, seq=seq)
         md = self.node.forward_metadata()
-        results = [kv.PutResult() for _ in items]
-        headers: list[kv.ResponseHeader] = []
 
-        async def one_shard(shard: int, positions: list[int]) -> None:
+        async def one_shard(shard: int, positions: list[int]) -> kv.PutManyResponse:
             part = [items[i] for i in positions]
             data = command.put_batch([(it.key, it.value) for it in part], client_id, seq)
             sub = kv.PutManyRequest(items=part, request_id=rid)
@@ -313,23 +336,15 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
                     headers=[h],
                 )
 
-            try:
-                resp = await self._write(
-                    shard,
-                    data,
-                    context,
-                    lambda peer, t: peer.kv.PutMany(sub, timeout=t, metadata=md),
-                    reply,
-                )
-            except RaftKVError as e:
-                for i in positions:
-                    results[i] = kv.PutResult(shard_id=shard, error=_key_error(e))
-                return
-            headers.extend(resp.headers)
-            for i, r in zip(positions, resp.results, strict=True):
-                results[i] = r
+            return await self._write(
+                shard,
+                data,
+                context,
+                lambda peer, t: peer.kv.PutMany(sub, timeout=t, metadata=md),
+                reply,
+            )
 
-        await asyncio.gather(*(one_shard(s, pos) for s, pos in groups.items()))
+        results, headers = await _fan_out(groups, len(items), one_shard, kv.PutResult)
         return kv.PutManyResponse(results=results, headers=headers)
 
     @translated
@@ -338,8 +353,6 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         groups = self._group(keys)
         stale = request.consistency == kv.STALE
         md = self.node.forward_metadata()
-        results = [kv.GetResult() for _ in keys]
-        headers: list[kv.ResponseHeader] = []
 
         def read(replica: ShardReplica, index: int, part: list[bytes]) -> kv.GetManyResponse:
             out = []
@@ -357,35 +370,26 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
                 )
             return kv.GetManyResponse(results=out, headers=[self._header(replica, index)])
 
-        async def one_shard(shard: int, positions: list[int]) -> None:
+        async def one_shard(shard: int, positions: list[int]) -> kv.GetManyResponse:
             part = [keys[i] for i in positions]
             replica = self.node.replicas.get(shard)
-            try:
-                if stale and replica is not None:
-                    resp = read(replica, replica.info.last_applied, part)
-                else:
+            if stale and replica is not None:
+                return read(replica, replica.info.last_applied, part)
 
-                    async def local(replica: ShardReplica) -> kv.GetManyResponse:
-                        index = await replica.read_index(self.node.settings.proposal_timeout_s)
-                        return read(replica, index, part)
+            async def local(replica: ShardReplica) -> kv.GetManyResponse:
+                index = await replica.read_index(self.node.settings.proposal_timeout_s)
+                return read(replica, index, part)
 
-                    sub = kv.GetManyRequest(keys=part, consistency=request.consistency)
-                    resp = await self.node.route(
-                        shard,
-                        local,
-                        lambda peer, t: peer.kv.GetMany(sub, timeout=t, metadata=md),
-                        forwarded=_is_forwarded(context),
-                        deadline=self._deadline(context),
-                    )
-            except RaftKVError as e:
-                for i in positions:
-                    results[i] = kv.GetResult(shard_id=shard, error=_key_error(e))
-                return
-            headers.extend(resp.headers)
-            for i, r in zip(positions, resp.results, strict=True):
-                results[i] = r
+            sub = kv.GetManyRequest(keys=part, consistency=request.consistency)
+            return await self.node.route(
+                shard,
+                local,
+                lambda peer, t: peer.kv.GetMany(sub, timeout=t, metadata=md),
+                forwarded=_is_forwarded(context),
+                deadline=self._deadline(context),
+            )
 
-        await asyncio.gather(*(one_shard(s, pos) for s, pos in groups.items()))
+        results, headers = await _fan_out(groups, len(keys), one_shard, kv.GetResult)
         return kv.GetManyResponse(results=results, headers=headers)
 
 

@@ -29,6 +29,14 @@ async def _get_all(endpoints: list[str], keys: list[bytes]) -> dict[bytes, bytes
         return dict(await asyncio.gather(*(get(k) for k in keys)))
 
 
+def _crash_and_restart_all(c: LocalCluster) -> None:
+    c.kill_all()
+    for node_id in c.nodes:
+        c.start_node(node_id, wait=False)
+    c.wait_healthy(30)
+    c.wait_leaders(30)
+
+
 def test_after_kill_9_of_one_node_every_key_is_readable_and_writable_within_5s(
     fresh_cluster: LocalCluster,
 ) -> None:
@@ -74,11 +82,7 @@ def test_kill_9_every_node_then_restart_keeps_every_acknowledged_write(
     c = fresh_cluster
     items = {f"durable-{i}".encode(): f"value-{i}".encode() * 3 for i in range(500)}
     asyncio.run(_put_all(c.endpoints, items))
-    c.kill_all()
-    for node_id in c.nodes:
-        c.start_node(node_id, wait=False)
-    c.wait_healthy(30)
-    c.wait_leaders(30)
+    _crash_and_restart_all(c)
     got = asyncio.run(_get_all(c.endpoints, list(items)))
     assert got == items
 
@@ -88,11 +92,7 @@ def test_fsync_mode_serves_and_keeps_writes_across_kill_9_of_every_node(tmp_path
         c.start()
         items = {f"fs-{i}".encode(): f"v{i}".encode() for i in range(100)}
         asyncio.run(_put_all(c.endpoints, items))
-        c.kill_all()
-        for node_id in c.nodes:
-            c.start_node(node_id, wait=False)
-        c.wait_healthy(30)
-        c.wait_leaders(30)
+        _crash_and_restart_all(c)
         assert asyncio.run(_get_all(c.endpoints, list(items))) == items
         # the journal of every replica was fsynced: term/vote metadata is there too
         for node in c.nodes.values():
