@@ -124,8 +124,8 @@ class _Group(SyncObj):  # type: ignore[misc]
         resizable.flush()  # msync of the mapped journal
         os.fsync(resizable._ResizableFile__f.fileno())
 
-    def force_append_entries(self) -> None:
-        self._SyncObj__newAppendEntriesTime = 0.0
+    def send_append_entries(self) -> None:
+        self._SyncObj__sendAppendEntries()
 
     def log_index(self) -> int:
         return int(self._SyncObj__raftLog[-1][1])
@@ -325,10 +325,11 @@ class ShardReplica:
             # group dirty) and then go out together. Idle: one round trip per write. Loaded:
             # as many entries per AppendEntries as arrived during the last round trip.
             if g.raftCommitIndex >= self._sent_index or not self._append_in_flight(g):
-                g.force_append_entries()
+                # Send now, in this tick, rather than on the next one: saves a loop turn
+                # (two group ticks) on every write's path.
+                g.send_append_entries()
                 self._sent_index = index
                 self._sent_at = time.monotonic()
-                busy = True
             else:
                 busy = False
         leader = g._getLeader()
