@@ -24,6 +24,7 @@ private address only, and set a cluster ``secret`` when that network is shared.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -75,6 +76,53 @@ class _Peer:
         self.unresolvable = False
 
 
+class _SendBuffer:
+    """Outgoing bytes as a queue of chunks: appending and partial sends cost O(chunk).
+
+    pysyncobj keeps one ``bytes`` and re-copies all of it on every append and every partial
+    send, which turns a large backlog (a follower catching up) quadratic.
+    """
+
+    COALESCE = 256 * 1024
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(memoryview(data))
+            self._size += len(data)
+
+    def head(self) -> memoryview:
+        """The next bytes to send; small frames are joined so one send() carries many."""
+        first = self._chunks[0]
+        if len(first) >= self.COALESCE or len(self._chunks) == 1:
+            return first
+        parts, total = [], 0
+        while self._chunks and total < self.COALESCE:
+            chunk = self._chunks.popleft()
+            parts.append(chunk)
+            total += len(chunk)
+        joined = memoryview(b"".join(parts))
+        self._chunks.appendleft(joined)
+        return joined
+
+    def consume(self, n: int) -> None:
+        self._size -= n
+        while n:
+            first = self._chunks[0]
+            if len(first) <= n:
+                self._chunks.popleft()
+                n -= len(first)
+            else:
+                self._chunks[0] = first[n:]
+                n = 0
+
+
 class _RaftConnection(TcpConnection):  # type: ignore[misc]
     """pysyncobj's TcpConnection with our framing, and outgoing sockets bound to our Raft IP.
 
@@ -89,10 +137,11 @@ class _RaftConnection(TcpConnection):  # type: ignore[misc]
     """
 
     _TcpConnection__readBuffer: bytes
-    _TcpConnection__writeBuffer: bytes
+    _TcpConnection__writeBuffer: _SendBuffer | bytes
     recvLastTimestamp: int
 
     def __init__(self, source_ip: str | None = None, **kwargs: Any) -> None:
+        self._read_offset = 0
         super().__init__(**kwargs)
         self._source_ip = source_ip
 
@@ -102,17 +151,61 @@ class _RaftConnection(TcpConnection):  # type: ignore[misc]
         data = pickle.dumps(message, protocol=5)
         if self.encryptor:
             data = self.encryptor.encrypt_at_time(data, int(time.monotonic()))
-        self._TcpConnection__writeBuffer += _LENGTH.pack(len(data)) + data
+        self._send_buffer().append(_LENGTH.pack(len(data)) + data)
         self._TcpConnection__trySendBuffer()
+        # pysyncobj only asks the poller for writability while handling a write event, so
+        # bytes left over by a send made elsewhere would wait for the next read event.
+        fileno = self._TcpConnection__fileno
+        if (
+            len(self._send_buffer())
+            and fileno is not None
+            and self.state == CONNECTION_STATE.CONNECTED
+        ):
+            self._TcpConnection__poller.subscribe(
+                fileno,
+                self._TcpConnection__processConnection,
+                POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
+            )
+
+    def _send_buffer(self) -> _SendBuffer:
+        buf = self._TcpConnection__writeBuffer
+        if not isinstance(buf, _SendBuffer):  # pysyncobj resets it to b"" on disconnect
+            fresh = _SendBuffer()
+            fresh.append(bytes(buf))
+            self._TcpConnection__writeBuffer = buf = fresh
+        return buf
+
+    def _TcpConnection__processSend(self) -> bool:
+        buf = self._send_buffer()
+        if not buf:
+            return False
+        try:
+            sent = self._TcpConnection__socket.send(buf.head())
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if sent <= 0:
+            return False
+        buf.consume(sent)
+        return True
 
     def _TcpConnection__processParseMessage(self) -> Any:
+        # Parse from an offset instead of slicing the whole buffer after every frame: a
+        # backlog of many frames (a follower catching up) was copied once per frame.
         buf = self._TcpConnection__readBuffer
-        if len(buf) < 4:
-            return None
-        (size,) = _LENGTH.unpack_from(buf)
-        if len(buf) - 4 < size:
-            return None
-        data = buf[4 : 4 + size]
+        off = self._read_offset if self._read_offset <= len(buf) else 0
+        if len(buf) - off >= 4:
+            (size,) = _LENGTH.unpack_from(buf, off)
+            if len(buf) - off - 4 >= size:
+                self._read_offset = off + 4 + size
+                return self._decode(buf[off + 4 : off + 4 + size])
+        if off:
+            self._TcpConnection__readBuffer = buf[off:]
+            self._read_offset = 0
+        return None
+
+    def _decode(self, data: bytes) -> Any:
         try:
             if self.encryptor:
                 stamp = self.encryptor.extract_timestamp(data)
@@ -129,8 +222,11 @@ class _RaftConnection(TcpConnection):  # type: ignore[misc]
             log.warning("dropping a Raft connection: undecodable frame (%s)", e)
             self.disconnect()
             return None
-        self._TcpConnection__readBuffer = buf[4 + size :]
         return message
+
+    def disconnect(self) -> None:
+        self._read_offset = 0
+        super().disconnect()
 
     def connect(self, host: str, port: int) -> bool:
         # pysyncobj 0.3.17's TcpConnection.connect, plus the bind().
@@ -147,7 +243,8 @@ class _RaftConnection(TcpConnection):  # type: ignore[misc]
         self._TcpConnection__socket = sock
         self.setSockoptKeepalive()
         self._TcpConnection__readBuffer = b""
-        self._TcpConnection__writeBuffer = b""
+        self._TcpConnection__writeBuffer = _SendBuffer()
+        self._read_offset = 0
         self._TcpConnection__lastReadTime = time.monotonic()
         try:
             sock.connect((host, port))
