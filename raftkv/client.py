@@ -26,7 +26,15 @@ import grpc
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.batcher import Batcher
-from raftkv.errors import KeyNotFound, RaftKVError, Unavailable, error_from_status, rpc_error
+from raftkv.errors import (
+    LEADER_ENDPOINT_METADATA,
+    LEADER_METADATA,
+    KeyNotFound,
+    RaftKVError,
+    Unavailable,
+    error_from_status,
+    rpc_error,
+)
 from raftkv.ring import Ring
 
 T = TypeVar("T")
@@ -306,8 +314,8 @@ class Client:
                         grpc.StatusCode[r.error.code],
                         r.error.message,
                         {
-                            "raftkv-leader": r.error.leader,
-                            "raftkv-leader-endpoint": r.error.leader_endpoint,
+                            LEADER_METADATA: r.error.leader,
+                            LEADER_ENDPOINT_METADATA: r.error.leader_endpoint,
                         },
                     )
                     if not err.retryable:

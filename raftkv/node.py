@@ -29,7 +29,9 @@ from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.config import ClusterConfig, NodeSettings
 from raftkv.errors import (
+    LEADER_ENDPOINT_METADATA,
     LEADER_METADATA,
+    SHARD_METADATA,
     ClusterMismatch,
     NotLeader,
     Unavailable,
@@ -389,7 +391,7 @@ def leader_trailers(err: Unavailable) -> tuple[tuple[str, str], ...]:
     if err.leader:
         md.append((LEADER_METADATA, err.leader))
     if err.leader_endpoint:
-        md.append(("raftkv-leader-endpoint", err.leader_endpoint))
+        md.append((LEADER_ENDPOINT_METADATA, err.leader_endpoint))
     if err.shard_id is not None:
-        md.append(("raftkv-shard", str(err.shard_id)))
+        md.append((SHARD_METADATA, str(err.shard_id)))
     return tuple(md)

@@ -162,7 +162,6 @@ class RaftDriver:
         self.poller.subscribe(self._wake_r, self._drain_wake, POLL_EVENT_TYPE.READ)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._woken = False
-        self.tick_error: BaseException | None = None
 
     def add(self, replica: ShardReplica) -> None:
         self._replicas.append(replica)
@@ -228,8 +227,7 @@ class RaftDriver:
                 if not logged:
                     logged = True
                     log.info("raft thread ticking %d shard groups", len(self._replicas))
-            except Exception as e:  # keep the node alive; a tick bug must not stop Raft
-                self.tick_error = e
+            except Exception:  # keep the node alive; a tick bug must not stop Raft
                 log.exception("raft tick failed")
                 time.sleep(0.05)
         for r in self._replicas:
@@ -247,7 +245,6 @@ class ShardReplica:
         peer_ids: list[str],
         data_dir: Path,
         driver: RaftDriver,
-        on_leader_change: Callable[[int, str, int], None] | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.node_id = node_id
@@ -292,7 +289,6 @@ class ShardReplica:
         # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
         # every group's tick would only repeat that syscall eight times over.
         self._group._poller = _NO_POLL
-        self._on_leader_change = on_leader_change
         self._last_leader = ""
         self._last_log_index = 0
         self._sent_index = 0
@@ -324,7 +320,8 @@ class ShardReplica:
             # sent before has committed; otherwise they wait for the acks (which mark this
             # group dirty) and then go out together. Idle: one round trip per write. Loaded:
             # as many entries per AppendEntries as arrived during the last round trip.
-            if g.raftCommitIndex >= self._sent_index or not self._append_in_flight(g):
+            waited = time.monotonic() - self._sent_at
+            if g.raftCommitIndex >= self._sent_index or waited >= MAX_APPEND_WAIT_S:
                 # Send now, in this tick, rather than on the next one: saves a loop turn
                 # (two group ticks) on every write's path.
                 g.send_append_entries()
@@ -351,8 +348,6 @@ class ShardReplica:
                 leader_id or "unknown",
                 self._info.term,
             )
-            if self._on_leader_change is not None:
-                self._on_leader_change(self.shard_id, leader_id, self._info.term)
         return busy
 
     def _make_durable(self, data_dir: Path) -> None:
@@ -383,10 +378,6 @@ class ShardReplica:
         if index != self._synced_index:
             self._group.sync_journal()
             self._synced_index = index
-
-    def _append_in_flight(self, g: _Group) -> bool:
-        """Has a majority not yet acknowledged what we sent (and is it recent enough to wait)?"""
-        return time.monotonic() - self._sent_at < MAX_APPEND_WAIT_S
 
     def _mark_dirty(self) -> None:
         self.dirty = True

@@ -398,9 +398,6 @@ class MuxTransport:
         self._unknown: set[TcpConnection] = set()
         self._server: _Listener | None = None
         self._ip = "0.0.0.0"
-        # Test hook: peers whose traffic we drop, to model a partition without root.
-        self.blocked_peers: set[str] = set()
-        self.on_peer_change: Callable[[str, bool], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -439,7 +436,7 @@ class MuxTransport:
 
     def send(self, peer_id: str, shard_id: int, message: Any) -> bool:
         peer = self._peers.get(peer_id)
-        if peer is None or not peer.ready or peer.conn is None or peer_id in self.blocked_peers:
+        if peer is None or not peer.ready or peer.conn is None:
             return False
         peer.conn.send((shard_id, message))
         return bool(peer.conn.state == CONNECTION_STATE.CONNECTED)
@@ -458,7 +455,7 @@ class MuxTransport:
                 continue  # the peer with the larger id dials
             if peer.conn is not None and peer.conn.state != CONNECTION_STATE.DISCONNECTED:
                 continue
-            if now - peer.last_attempt < RECONNECT_INTERVAL_S or peer.node_id in self.blocked_peers:
+            if now - peer.last_attempt < RECONNECT_INTERVAL_S:
                 continue
             peer.last_attempt = now
             self._dial(peer)
@@ -562,12 +559,8 @@ class MuxTransport:
         log.info("raft link to %s up", peer_id)
         for shard in list(self._shards.values()):
             shard.peer_connected(peer_id)
-        if self.on_peer_change is not None:
-            self.on_peer_change(peer_id, True)
 
     def _on_message(self, peer: _Peer, message: Any) -> None:
-        if peer.node_id in self.blocked_peers:
-            return
         try:
             shard_id, payload = message
         except (TypeError, ValueError):
@@ -589,5 +582,3 @@ class MuxTransport:
                     log.warning("raft link to %s down", peer.node_id)
                     for shard in list(self._shards.values()):
                         shard.peer_disconnected(peer.node_id)
-                    if self.on_peer_change is not None:
-                        self.on_peer_change(peer.node_id, False)
