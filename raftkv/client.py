@@ -61,6 +61,21 @@ def parse_endpoints(text: str | Sequence[str]) -> list[str]:
     return endpoints
 
 
+class _Backoff:
+    """Retry pacing within one deadline: jittered exponential backoff, 20 ms doubling to 250 ms."""
+
+    def __init__(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
+        self._delay = 0.02
+
+    async def wait(self, last_error: RaftKVError) -> None:
+        """Sleep before the next attempt, or raise ``last_error`` if the deadline would pass."""
+        if time.monotonic() + self._delay > self._deadline:
+            raise last_error
+        await asyncio.sleep(self._delay * (0.5 + random.random()))
+        self._delay = min(self._delay * 2, 0.25)
+
+
 class Client:
     """Async client. Use ``async with Client([...]) as c:``."""
 
@@ -145,31 +160,33 @@ class Client:
                 return None
         return self._ring.shard_for(key) if self._ring is not None else None
 
+    def _endpoint_for(self, shard: int | None) -> str:
+        """The cached leader of ``shard``, else any endpoint (which forwards)."""
+        cached = self._leaders.get(shard, "") if shard is not None else ""
+        return cached or self._any_endpoint()
+
+    def _follow_hint(self, shard: int | None, hint: str, tried: str) -> None:
+        """Cache the leader a failure named, or forget the one that just failed."""
+        if shard is None:
+            return
+        if hint and hint != tried:
+            self._leaders[shard] = hint
+        else:
+            self._leaders.pop(shard, None)
+
     async def _call(self, shard: int | None, attempt: Callable[[str], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + self.timeout
-        delay = 0.02
-        last: RaftKVError | None = None
+        backoff = _Backoff(self.timeout)
         while True:
-            endpoint = self._leaders.get(shard, "") if shard is not None else ""
-            endpoint = endpoint or self._any_endpoint()
+            endpoint = self._endpoint_for(shard)
             try:
                 return await attempt(endpoint)
             except grpc.aio.AioRpcError as e:
                 err = rpc_error(e)
                 if not err.retryable:
                     raise err from None
-                last = err
-                if shard is not None:
-                    hint = err.leader_endpoint if isinstance(err, Unavailable) else ""
-                    if hint and hint != endpoint:
-                        self._leaders[shard] = hint
-                    else:
-                        self._leaders.pop(shard, None)
-            if time.monotonic() + delay > deadline:
-                assert last is not None
-                raise last
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.25)
+                hint = err.leader_endpoint if isinstance(err, Unavailable) else ""
+                self._follow_hint(shard, hint, endpoint)
+            await backoff.wait(err)
 
     def _remember(self, header: kv.ResponseHeader) -> None:
         if header.leader_endpoint:
@@ -279,15 +296,11 @@ class Client:
         keys, same order, same request id), so the server's per-shard dedup makes retries safe.
         """
         pending = await self._groups(keys)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.02
+        backoff = _Backoff(self.timeout)
         while True:
             by_endpoint: dict[str, list[int | None]] = {}
             for shard in pending:
-                ep = (
-                    self._leaders.get(shard, "") if shard is not None else ""
-                ) or self._any_endpoint()
-                by_endpoint.setdefault(ep, []).append(shard)
+                by_endpoint.setdefault(self._endpoint_for(shard), []).append(shard)
 
             async def one(ep: str, shards: list[int | None]) -> RaftKVError | None:
                 positions = sorted(i for sh in shards for i in pending[sh])
@@ -298,8 +311,7 @@ class Client:
                     if not err.retryable:
                         raise err from None
                     for sh in shards:
-                        if sh is not None:
-                            self._leaders.pop(sh, None)
+                        self._follow_hint(sh, "", ep)
                     return err
                 for h in resp.headers:
                     self._remember(h)
@@ -321,10 +333,8 @@ class Client:
                     if not err.retryable:
                         raise err
                     failed = err
-                    if r.shard_id in self._leaders and r.error.leader_endpoint:
-                        self._leaders[r.shard_id] = r.error.leader_endpoint
-                    elif self._ring is not None:
-                        self._leaders.pop(r.shard_id, None)
+                    if self._ring is not None:
+                        self._follow_hint(r.shard_id, r.error.leader_endpoint, ep)
                 # shards whose every key succeeded are done
                 done_shards = [sh for sh in shards if failed_at.isdisjoint(pending[sh])]
                 for sh in done_shards:
@@ -335,10 +345,7 @@ class Client:
             if not pending:
                 return
             last = next((o for o in outcomes if o is not None), None)
-            if time.monotonic() + delay > deadline:
-                raise last or Unavailable("bulk request did not complete in time")
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.25)
+            await backoff.wait(last or Unavailable("bulk request did not complete in time"))
 
     async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[int]:
         """Write many keys; each shard's keys commit as one Raft entry. Returns versions.

@@ -111,6 +111,15 @@ async def _fan_out(
     return results, headers
 
 
+def _with_id(request: Req, client_id: bytes, seq: int) -> Req:
+    """A copy of ``request`` carrying the request id the write was proposed with, so a
+    forwarded write is deduplicated with its retries. Built only when forwarding."""
+    fwd = type(request)()
+    fwd.CopyFrom(request)  # type: ignore[attr-defined]
+    fwd.request_id.client_id, fwd.request_id.seq = client_id, seq  # type: ignore[attr-defined]
+    return fwd
+
+
 def _is_forwarded(context: Context) -> bool:
     return any(k == FORWARDED_METADATA for k, _ in (context.invocation_metadata() or ()))
 
@@ -185,17 +194,12 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.put(request.key, request.value, client_id, seq)
-        fwd = kv.PutRequest(
-            key=request.key,
-            value=request.value,
-            request_id=kv.RequestId(client_id=client_id, seq=seq),
-        )
         md = self.node.forward_metadata()
         return await self._write(
             shard,
             data,
             context,
-            lambda peer, t: peer.kv.Put(fwd, timeout=t, metadata=md),
+            lambda peer, t: peer.kv.Put(_with_id(request, client_id, seq), timeout=t, metadata=md),
             lambda r, h: kv.PutResponse(header=h, version=r.version),
         )
 
@@ -205,15 +209,14 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.delete(request.key, client_id, seq)
-        fwd = kv.DeleteRequest(
-            key=request.key, request_id=kv.RequestId(client_id=client_id, seq=seq)
-        )
         md = self.node.forward_metadata()
         return await self._write(
             shard,
             data,
             context,
-            lambda peer, t: peer.kv.Delete(fwd, timeout=t, metadata=md),
+            lambda peer, t: peer.kv.Delete(
+                _with_id(request, client_id, seq), timeout=t, metadata=md
+            ),
             lambda r, h: kv.DeleteResponse(header=h, existed=r.existed),
         )
 
@@ -237,9 +240,6 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             client_id=client_id,
             seq=seq,
         )
-        fwd = kv.CompareAndSwapRequest()
-        fwd.CopyFrom(request)
-        fwd.request_id.client_id, fwd.request_id.seq = client_id, seq
         md = self.node.forward_metadata()
 
         def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.CompareAndSwapResponse:
@@ -255,7 +255,9 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             shard,
             data,
             context,
-            lambda peer, t: peer.kv.CompareAndSwap(fwd, timeout=t, metadata=md),
+            lambda peer, t: peer.kv.CompareAndSwap(
+                _with_id(request, client_id, seq), timeout=t, metadata=md
+            ),
             reply,
         )
 
@@ -283,17 +285,13 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             index = await replica.read_index(self.node.settings.proposal_timeout_s)
             return found(replica, index)
 
-        async def remote(peer: Peer, timeout: float) -> kv.GetResponse:
-            try:
-                resp: kv.GetResponse = await peer.kv.Get(request, timeout=timeout, metadata=md)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
-                    raise KeyNotFound(e.details() or "key not found") from None
-                raise
-            return resp
-
+        # route() turns a peer's NOT_FOUND (or any other non-retryable status) into our error.
         return await self.node.route(
-            shard, local, remote, forwarded=_is_forwarded(context), deadline=self._deadline(context)
+            shard,
+            local,
+            lambda peer, t: peer.kv.Get(request, timeout=t, metadata=md),
+            forwarded=_is_forwarded(context),
+            deadline=self._deadline(context),
         )
 
     def _group(self, keys: list[bytes]) -> dict[int, list[int]]:
