@@ -9,6 +9,7 @@ reason (and the leader hint when there is one) and exit non-zero; they never pri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -23,9 +24,22 @@ from typing import Annotated, Any
 import typer
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+from raftkv.auth import Authenticator
 from raftkv.client import DEFAULT_ENDPOINT, Client
-from raftkv.config import ClusterConfig, ConfigError, NodeSettings, RaftTuning
-from raftkv.errors import KeyNotFound, RaftKVError, Unavailable
+from raftkv.config import (
+    SECRET_FILE_ENV,
+    ClusterConfig,
+    ConfigError,
+    Limits,
+    NodeSettings,
+    PeerTLS,
+    RaftTuning,
+    Security,
+    ServerTLS,
+    read_secret_file,
+)
+from raftkv.errors import KeyNotFound, PermissionDenied, RaftKVError, Unauthenticated, Unavailable
+from raftkv.network import ClientTLS
 
 app = typer.Typer(
     help="raftkv: a sharded, Raft-replicated key-value store with a gRPC API.",
@@ -37,8 +51,18 @@ client_app = typer.Typer(
     help="Talk to a running cluster: put, get, delete, cas, status.", no_args_is_help=True
 )
 local_app = typer.Typer(help="Run a whole cluster of local processes.", no_args_is_help=True)
+certs_app = typer.Typer(
+    help="Make a CA and TLS certificates for nodes and clients (like `cockroach cert`).",
+    no_args_is_help=True,
+)
+auth_app = typer.Typer(
+    help="Make the cluster secret, the token-signing key, and bearer tokens.",
+    no_args_is_help=True,
+)
 app.add_typer(client_app, name="client")
 app.add_typer(local_app, name="local")
+app.add_typer(certs_app, name="certs")
+app.add_typer(auth_app, name="auth")
 
 EXIT_NOT_FOUND = 1
 EXIT_ERROR = 2
@@ -91,6 +115,10 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _path_option(flag: str, env: str, help_text: str) -> Any:
+    return typer.Option(flag, envvar=env, help=help_text, show_default=False)
+
+
 @app.command()
 def serve(
     cluster: Annotated[
@@ -132,25 +160,134 @@ def serve(
             "process crashes only (the page cache holds them)."
         ),
     ] = False,
+    secret_file: Annotated[
+        Path | None,
+        _path_option(
+            "--secret-file",
+            SECRET_FILE_ENV,
+            "File holding the cluster secret: peers prove they know it on the Raft port, "
+            "and Raft traffic is encrypted with keys derived from it. Required (or peer TLS) "
+            "when the Raft address is not loopback. Also: RAFTKV_RAFT_SECRET.",
+        ),
+    ] = None,
+    cert_file: Annotated[
+        Path | None,
+        _path_option("--cert-file", "RAFTKV_CERT_FILE", "TLS certificate of the gRPC port."),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        _path_option("--key-file", "RAFTKV_KEY_FILE", "TLS private key of the gRPC port."),
+    ] = None,
+    trusted_ca_file: Annotated[
+        Path | None,
+        _path_option(
+            "--trusted-ca-file",
+            "RAFTKV_TRUSTED_CA_FILE",
+            "CA that signs client certificates (--client-cert-auth) and the other nodes' "
+            "gRPC certificates (this node verifies them when it forwards a request).",
+        ),
+    ] = None,
+    client_cert_auth: Annotated[
+        bool,
+        typer.Option(
+            "--client-cert-auth",
+            envvar="RAFTKV_CLIENT_CERT_AUTH",
+            help="Require clients to present a certificate signed by --trusted-ca-file.",
+        ),
+    ] = False,
+    peer_cert_file: Annotated[
+        Path | None,
+        _path_option(
+            "--peer-cert-file",
+            "RAFTKV_PEER_CERT_FILE",
+            "TLS certificate of the Raft port (mutual TLS between nodes; `raftkv certs node`).",
+        ),
+    ] = None,
+    peer_key_file: Annotated[
+        Path | None,
+        _path_option("--peer-key-file", "RAFTKV_PEER_KEY_FILE", "Private key of the Raft port."),
+    ] = None,
+    peer_trusted_ca_file: Annotated[
+        Path | None,
+        _path_option(
+            "--peer-trusted-ca-file",
+            "RAFTKV_PEER_TRUSTED_CA_FILE",
+            "CA that signs the other nodes' peer certificates.",
+        ),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        _path_option(
+            "--auth-token-file",
+            "RAFTKV_AUTH_TOKEN_FILE",
+            "TOML file of static bearer tokens and their roles (read, readwrite, admin). "
+            "Re-read on SIGHUP.",
+        ),
+    ] = None,
+    auth_key_file: Annotated[
+        Path | None,
+        _path_option(
+            "--auth-key-file",
+            "RAFTKV_AUTH_KEY_FILE",
+            "Key that verifies tokens minted by `raftkv auth mint`.",
+        ),
+    ] = None,
+    max_concurrent_rpcs: Annotated[
+        int,
+        typer.Option(
+            help="RPCs this node handles at once; more are refused at once with "
+            "RESOURCE_EXHAUSTED (and a retry hint) instead of slowing everyone down."
+        ),
+    ] = Limits.max_concurrent_rpcs,
+    recover_from_peers: Annotated[
+        bool,
+        typer.Option(
+            "--recover-from-peers",
+            help="Rebuild every shard replica whose files fail their checks from the other "
+            "replicas of its shard. The broken directory is kept aside; the rebuilt replica "
+            "neither votes nor leads until it has caught up.",
+        ),
+    ] = False,
 ) -> None:
     """Run one node: its shard replicas, one Raft port and one gRPC port.
 
     Every node of a cluster is started with the same --cluster file and its own --id.
     The node answers any key: it serves shards it leads and forwards the rest, one hop,
     to the leader's node.
+
+    Security: on loopback addresses nothing is required. A Raft address that is not
+    loopback needs --secret-file (or peer TLS); a gRPC address that is not loopback needs
+    client authentication (--auth-token-file / --auth-key-file, or --client-cert-auth).
+    See docs/security.md.
+
+    Exit codes: 0 stopped cleanly; 2 bad flags or configuration, unusable data dir, or a
+    port that cannot be bound (the message says which).
     """
     try:
         config = ClusterConfig.load(cluster) if cluster else ClusterConfig.single_node()
         config.node(node_id)
-    except ConfigError as e:
+        if secret_file is not None:
+            config = dataclasses.replace(config, secret=read_secret_file(secret_file))
+        security = Security(
+            grpc_tls=_server_tls(cert_file, key_file, trusted_ca_file, client_cert_auth),
+            peer_tls=_peer_tls(peer_cert_file, peer_key_file, peer_trusted_ca_file),
+            auth_token_file=auth_token_file,
+            auth_key_file=auth_key_file,
+        )
+        authenticator = Authenticator(auth_token_file, auth_key_file)
+        limits = Limits(max_concurrent_rpcs=max_concurrent_rpcs)
+    except (ConfigError, ValueError) as e:
         raise fail(str(e)) from None
     settings = NodeSettings(
         node_id=node_id,
         data_dir=data_dir or Path("data") / node_id,
         log_dir=log_dir,
+        limits=limits,
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
         raft=RaftTuning(fsync=fsync),
+        security=security,
+        recover_from_peers=recover_from_peers,
     )
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
         _die_with_parent()
@@ -161,15 +298,39 @@ def serve(
     import uvloop
 
     from raftkv.node import Node
+    from raftkv.raft.transport import RaftBindError
     from raftkv.server import serve as run_server
-    from raftkv.transport import RaftBindError
 
     try:
         node = Node(config, settings)
-        uvloop.run(run_server(node))
-    except (RaftKVError, RaftBindError) as e:
+        uvloop.run(run_server(node, authenticator=authenticator))
+    except (RaftKVError, RaftBindError, ConfigError) as e:
         log.error("%s", e)
         raise fail(str(e)) from None
+
+
+def _server_tls(
+    cert: Path | None, key: Path | None, ca: Path | None, client_cert_auth: bool
+) -> ServerTLS | None:
+    if cert is None and key is None:
+        if client_cert_auth:
+            raise ConfigError("--client-cert-auth needs TLS: set --cert-file and --key-file")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--cert-file and --key-file go together: give both")
+    return ServerTLS(cert, key, ca, client_cert_auth)
+
+
+def _peer_tls(cert: Path | None, key: Path | None, ca: Path | None) -> PeerTLS | None:
+    given = [p for p in (cert, key, ca) if p is not None]
+    if not given:
+        return None
+    if cert is None or key is None or ca is None:
+        raise ConfigError(
+            "peer TLS needs all three of --peer-cert-file, --peer-key-file and "
+            "--peer-trusted-ca-file"
+        )
+    return PeerTLS(cert, key, ca)
 
 
 # -- client ---------------------------------------------------------------------------------
@@ -197,9 +358,42 @@ def client_main(
     timeout: Annotated[
         float, typer.Option(help="Overall deadline in seconds, retries included.")
     ] = 10.0,
+    cacert: Annotated[
+        Path | None,
+        _path_option(
+            "--cacert", "RAFTKV_CACERT", "Verify the nodes' TLS certificates with this CA."
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        _path_option("--cert", "RAFTKV_CERT", "Client certificate (for --client-cert-auth)."),
+    ] = None,
+    key: Annotated[
+        Path | None, _path_option("--key", "RAFTKV_KEY", "Private key of --cert.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="RAFTKV_TOKEN",
+            help="Bearer token for nodes that require authentication.",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        _path_option("--token-file", "RAFTKV_TOKEN_FILE", "File holding the bearer token."),
+    ] = None,
 ) -> None:
-    """Options shared by every client command."""
-    _client_opts.update(endpoints=endpoints, timeout=timeout)
+    """Options shared by every client command (TLS is used when --cacert, --cert or --key
+    is given)."""
+    try:
+        if token is None and token_file is not None:
+            token = token_file.read_text().strip()
+    except OSError as e:
+        raise fail(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+    tls = ClientTLS(cacert, cert, key) if (cacert or cert or key) else None
+    _client_opts.update(endpoints=endpoints, timeout=timeout, tls=tls, token=token)
 
 
 def _run(coro_fn: Any) -> Any:
@@ -208,6 +402,8 @@ def _run(coro_fn: Any) -> Any:
             _client_opts.get("endpoints", DEFAULT_ENDPOINT),
             timeout=_client_opts.get("timeout", 10.0),
             attempt_timeout=min(5.0, _client_opts.get("timeout", 10.0)),
+            tls=_client_opts.get("tls"),
+            token=_client_opts.get("token"),
         ) as c:
             return await coro_fn(c)
 
@@ -218,9 +414,13 @@ def _run(coro_fn: Any) -> Any:
     except Unavailable as e:
         hint = f" (leader hint: {e.leader} at {e.leader_endpoint})" if e.leader else ""
         raise fail(f"unavailable: {e}{hint}") from None
+    except Unauthenticated as e:
+        raise fail(f"not authenticated: {e}") from None
+    except PermissionDenied as e:
+        raise fail(f"permission denied: {e}") from None
     except RaftKVError as e:
         raise fail(f"{type(e).__name__}: {e}") from None
-    except ValueError as e:
+    except (ValueError, ConfigError) as e:
         raise fail(str(e)) from None
 
 
@@ -293,7 +493,14 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
         "cluster_fingerprint": s.cluster_fingerprint,
         "shard_count": s.shard_count,
         "nodes": [
-            {"id": n.id, "grpc": n.grpc, "raft": n.raft, "reachable": n.reachable} for n in s.nodes
+            {
+                "id": n.id,
+                "grpc": n.grpc,
+                "raft": n.raft,
+                "reachable": n.reachable,
+                "raft_link": n.raft_link or None,
+            }
+            for n in s.nodes
         ],
         "shards": [
             {
@@ -310,6 +517,7 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
                         "commit_index": r.commit_index,
                         "last_applied": r.last_applied,
                         "keys": r.keys,
+                        "problem": r.problem or None,
                     }
                     for r in sh.replica_status
                 ],
@@ -321,17 +529,26 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
 
 def render_status(s: kv.StatusResponse) -> str:
     lines = [
-        "NODE  GRPC                  RAFT                  UP",
+        f"NODE  GRPC                  RAFT                  UP   RAFT LINK (from {s.node})",
     ]
     for n in s.nodes:
-        lines.append(f"{n.id:<5} {n.grpc:<21} {n.raft:<21} {'yes' if n.reachable else 'NO'}")
+        link = "-" if n.id == s.node else (n.raft_link or "?")
+        lines.append(
+            f"{n.id:<5} {n.grpc:<21} {n.raft:<21} {'yes' if n.reachable else 'NO ':<4} {link}"
+        )
     lines += ["", "SHARD  REPLICAS          LEADER  TERM  COMMIT  REPLICA COMMIT INDEXES"]
+    problems = []
     for sh in s.shards:
         per = " ".join(f"{r.node}={r.commit_index}" for r in sh.replica_status)
         lines.append(
             f"{sh.shard_id:<6} {','.join(sh.replicas):<17} {sh.leader or '-':<7} "
             f"{sh.term:<5} {sh.commit_index:<7} {per}"
         )
+        problems += [
+            f"shard {sh.shard_id} on {r.node}: {r.problem}" for r in sh.replica_status if r.problem
+        ]
+    if problems:
+        lines += ["", "PROBLEMS", *problems]
     return "\n".join(lines)
 
 
@@ -418,6 +635,185 @@ def demo(
     from raftkv.demo import run
 
     run(keys, base_port, directory)
+
+
+# -- certs and auth ---------------------------------------------------------------------------
+
+_DirOption = Annotated[
+    Path, typer.Option("--dir", help="Directory of the CA and certificates (created if missing).")
+]
+_OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace files that already exist.")
+]
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: _DirOption = Path("certs"),
+    cluster: Annotated[
+        Path | None,
+        typer.Option(
+            "--cluster", "-c", help="Also make a certificate for every node of this file."
+        ),
+    ] = None,
+    overwrite: _OverwriteOption = False,
+) -> None:
+    """Make a CA; with --cluster, a certificate per node and an `admin` client certificate.
+
+    Node certificates name the node (a raftkv://node/<id> SAN, checked on the Raft port)
+    and its hosts from the cluster file, and serve both ports.
+    """
+    from raftkv import certs
+    from raftkv.credentials import create_certs
+
+    try:
+        if cluster is None:
+            certs.create_ca(directory, overwrite=overwrite)
+        else:
+            create_certs(directory, ClusterConfig.load(cluster), overwrite=overwrite)
+    except (certs.CertError, ConfigError) as e:
+        raise fail(str(e)) from None
+    for f in sorted(directory.glob("*.crt")):
+        typer.echo(certs.describe(f))
+    if cluster is not None:
+        typer.echo(
+            f"\nserve each node with: --cert-file {directory}/node-<id>.crt "
+            f"--key-file {directory}/node-<id>.key --trusted-ca-file {directory}/ca.crt "
+            f"--peer-cert-file {directory}/node-<id>.crt --peer-key-file "
+            f"{directory}/node-<id>.key --peer-trusted-ca-file {directory}/ca.crt"
+        )
+        typer.echo(f"clients: --cacert {directory}/ca.crt (or RAFTKV_CACERT)")
+
+
+@certs_app.command("node")
+def certs_node(
+    node_id: Annotated[str, typer.Argument(help="The node id (as in the cluster file).")],
+    hosts: Annotated[
+        str,
+        typer.Option(help="Comma-separated host names and IPs the node is reached at."),
+    ],
+    directory: _DirOption = Path("certs"),
+    overwrite: _OverwriteOption = False,
+) -> None:
+    """Make a node certificate signed by the CA in --dir."""
+    from raftkv import certs
+
+    try:
+        issued = certs.create_node_cert(
+            directory,
+            node_id,
+            [h.strip() for h in hosts.split(",") if h.strip()],
+            overwrite=overwrite,
+        )
+    except certs.CertError as e:
+        raise fail(str(e)) from None
+    typer.echo(certs.describe(issued.cert))
+
+
+@certs_app.command("client")
+def certs_client(
+    name: Annotated[str, typer.Argument(help="The client's name (the certificate's CN).")],
+    directory: _DirOption = Path("certs"),
+    overwrite: _OverwriteOption = False,
+) -> None:
+    """Make a client certificate signed by the CA in --dir (for --client-cert-auth)."""
+    from raftkv import certs
+
+    try:
+        issued = certs.create_client_cert(directory, name, overwrite=overwrite)
+    except certs.CertError as e:
+        raise fail(str(e)) from None
+    typer.echo(certs.describe(issued.cert))
+
+
+@certs_app.command("list")
+def certs_list(directory: _DirOption = Path("certs")) -> None:
+    """Show every certificate in --dir: names, SANs and expiry."""
+    from raftkv import certs
+
+    found = sorted(directory.glob("*.crt"))
+    if not found:
+        raise fail(f"no certificates in {directory} (make them with: raftkv certs init)")
+    for f in found:
+        try:
+            typer.echo(certs.describe(f))
+        except certs.CertError as e:
+            typer.echo(f"{f.name}: {e}")
+
+
+@auth_app.command("init")
+def auth_init(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to write raft.secret, auth.key, admin.token.")
+    ] = Path("certs"),
+    overwrite: _OverwriteOption = False,
+) -> None:
+    """Make the cluster secret, the token-signing key and an admin token (files mode 0600)."""
+    from raftkv.credentials import ADMIN_TOKEN, AUTH_KEY, SECRET, create_auth
+
+    try:
+        create_auth(directory, overwrite=overwrite)
+    except (OSError, ConfigError, ValueError) as e:
+        raise fail(f"{e}") from None
+    typer.echo(f"{directory / SECRET}: the cluster secret (serve --secret-file)")
+    typer.echo(f"{directory / AUTH_KEY}: verifies minted tokens (serve --auth-key-file)")
+    typer.echo(f"{directory / ADMIN_TOKEN}: an admin token (client --token-file)")
+
+
+@auth_app.command("mint")
+def auth_mint(
+    key_file: Annotated[
+        Path, typer.Option("--key-file", help="The token-signing key (serve --auth-key-file).")
+    ],
+    name: Annotated[str, typer.Option(help="Who the token is for (shown in logs).")],
+    role: Annotated[str, typer.Option(help="read, readwrite or admin.")] = "readwrite",
+    ttl: Annotated[
+        str, typer.Option(help="Lifetime: 30m, 12h, 90d, or 0 for a token that never expires.")
+    ] = "0",
+) -> None:
+    """Print a bearer token signed with --key-file; nodes started with that key accept it."""
+    from raftkv import auth
+
+    try:
+        parsed_role = auth.Role.parse(role)
+        seconds = _parse_duration(ttl)
+        token = auth.mint_token(
+            auth.read_key_file(key_file), name, parsed_role, ttl_s=seconds or None
+        )
+    except (ValueError, ConfigError) as e:
+        raise fail(str(e)) from None
+    typer.echo(token)
+
+
+@auth_app.command("secret")
+def auth_secret(
+    path: Annotated[Path, typer.Argument(help="File to write (mode 0600).")],
+    overwrite: _OverwriteOption = False,
+) -> None:
+    """Write a new random cluster secret to PATH (for serve --secret-file)."""
+    from raftkv.credentials import new_secret, write_private
+
+    try:
+        write_private(path, new_secret() + "\n", overwrite=overwrite)
+    except FileExistsError:
+        raise fail(f"{path} exists; pass --overwrite to replace it") from None
+    except OSError as e:
+        raise fail(f"cannot write {path}: {e.strerror or e}") from None
+    typer.echo(f"wrote a new cluster secret to {path}")
+
+
+def _parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    if text in ("0", ""):
+        return 0.0
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise ValueError(f"bad duration {text!r}: use e.g. 30m, 12h, 90d or 0") from None
+    if value <= 0:
+        raise ValueError(f"bad duration {text!r}: must be positive (or 0 for no expiry)")
+    return value
 
 
 # -- bench --------------------------------------------------------------------------------------

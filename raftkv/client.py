@@ -35,14 +35,11 @@ from raftkv.errors import (
     error_from_status,
     rpc_error,
 )
+from raftkv.network import ClientTLS, Dialer
 from raftkv.ring import Ring
 
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "127.0.0.1:7001"
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
 
 
 @dataclass(frozen=True)
@@ -87,8 +84,14 @@ class Client:
         attempt_timeout: float = 5.0,
         leader_aware: bool = True,
         batching: bool = True,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
+        """``tls``: verify the nodes (and present a client certificate) over TLS.
+        ``token``: a bearer token, sent with every request, for nodes that require one."""
         self.endpoints = parse_endpoints(endpoints)
+        self._dialer = Dialer(tls, token)
+        self._md = self._dialer.metadata
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.leader_aware = leader_aware
@@ -117,9 +120,7 @@ class Client:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(
-                endpoint, options=GRPC_OPTIONS
-            )
+            ch = self._channels[endpoint] = self._dialer.channel(endpoint)
         return ch
 
     def _kv(self, endpoint: str) -> kv_grpc.KVStub:
@@ -137,7 +138,7 @@ class Client:
         status: kv.StatusResponse = await self._call(
             None,
             lambda ep: kv_grpc.ClusterStub(self._channel(ep)).Status(
-                kv.StatusRequest(), timeout=self.attempt_timeout
+                kv.StatusRequest(), timeout=self.attempt_timeout, metadata=self._md
             ),
         )
         self._learn(status)
@@ -207,7 +208,7 @@ class Client:
         req = kv.PutRequest(key=key, value=value, request_id=self._rid())
         resp: kv.PutResponse = await self._call(
             shard,
-            lambda ep: self._kv(ep).Put(req, timeout=self.attempt_timeout),
+            lambda ep: self._kv(ep).Put(req, timeout=self.attempt_timeout, metadata=self._md),
         )
         self._remember(resp.header)
         return resp.version
@@ -229,7 +230,7 @@ class Client:
         try:
             resp: kv.GetResponse = await self._call(
                 shard,
-                lambda ep: self._kv(ep).Get(req, timeout=self.attempt_timeout),
+                lambda ep: self._kv(ep).Get(req, timeout=self.attempt_timeout, metadata=self._md),
             )
         except KeyNotFound:
             return None
@@ -242,7 +243,7 @@ class Client:
         req = kv.DeleteRequest(key=key, request_id=self._rid())
         resp: kv.DeleteResponse = await self._call(
             shard,
-            lambda ep: self._kv(ep).Delete(req, timeout=self.attempt_timeout),
+            lambda ep: self._kv(ep).Delete(req, timeout=self.attempt_timeout, metadata=self._md),
         )
         self._remember(resp.header)
         return resp.existed
@@ -266,7 +267,9 @@ class Client:
             raise ValueError("give expected_value or expected_version")
         resp: kv.CompareAndSwapResponse = await self._call(
             shard,
-            lambda ep: self._kv(ep).CompareAndSwap(req, timeout=self.attempt_timeout),
+            lambda ep: self._kv(ep).CompareAndSwap(
+                req, timeout=self.attempt_timeout, metadata=self._md
+            ),
         )
         self._remember(resp.header)
         return resp.version
@@ -289,11 +292,14 @@ class Client:
         send: Callable[[str, list[int]], Awaitable[Any]],
         accept: Callable[[int, Any], None],
     ) -> None:
-        """Run a bulk request: one RPC per leader node, retrying the shards that failed.
+        """Run a bulk request: one RPC per leader node, retrying the keys that failed.
 
         ``send(endpoint, positions)`` sends those positions of the request; ``accept(i, r)``
-        takes the result for position ``i``. A shard's part is always resent identically (same
-        keys, same order, same request id), so the server's per-shard dedup makes retries safe.
+        takes the result for position ``i``. A shard's writes commit as one entry, so they
+        succeed or fail together and a retried part is resent identically (same keys, same
+        order, same request id), which the server's per-shard dedup makes safe. Reads may
+        succeed in part (a reply is capped in bytes): only the keys still missing are sent
+        again.
         """
         pending = await self._groups(keys)
         backoff = _Backoff(self.timeout)
@@ -316,12 +322,12 @@ class Client:
                 for h in resp.headers:
                     self._remember(h)
                 failed: RaftKVError | None = None
-                failed_at: set[int] = set()
+                answered: set[int] = set()
                 for i, r in zip(positions, resp.results, strict=True):
                     if not r.error.code:
                         accept(i, r)
+                        answered.add(i)
                         continue
-                    failed_at.add(i)
                     err = error_from_status(
                         grpc.StatusCode[r.error.code],
                         r.error.message,
@@ -335,10 +341,12 @@ class Client:
                     failed = err
                     if self._ring is not None:
                         self._follow_hint(r.shard_id, r.error.leader_endpoint, ep)
-                # shards whose every key succeeded are done
-                done_shards = [sh for sh in shards if failed_at.isdisjoint(pending[sh])]
-                for sh in done_shards:
-                    del pending[sh]
+                for sh in shards:
+                    left = [i for i in pending[sh] if i not in answered]
+                    if left:
+                        pending[sh] = left
+                    else:
+                        del pending[sh]
                 return failed
 
             outcomes = await asyncio.gather(*(one(ep, shs) for ep, shs in by_endpoint.items()))
@@ -360,7 +368,9 @@ class Client:
                 items=[kv.KeyValue(key=items[i][0], value=items[i][1]) for i in positions],
                 request_id=rid,
             )
-            return self._kv(ep).PutMany(req, timeout=self.attempt_timeout)  # type: ignore[no-any-return]
+            return self._kv(ep).PutMany(  # type: ignore[no-any-return]
+                req, timeout=self.attempt_timeout, metadata=self._md
+            )
 
         def accept(i: int, r: kv.PutResult) -> None:
             versions[i] = r.version
@@ -377,7 +387,9 @@ class Client:
 
         def send(ep: str, positions: list[int]) -> Awaitable[kv.GetManyResponse]:
             req = kv.GetManyRequest(keys=[keys[i] for i in positions], consistency=consistency)
-            return self._kv(ep).GetMany(req, timeout=self.attempt_timeout)  # type: ignore[no-any-return]
+            return self._kv(ep).GetMany(  # type: ignore[no-any-return]
+                req, timeout=self.attempt_timeout, metadata=self._md
+            )
 
         def accept(i: int, r: kv.GetResult) -> None:
             if r.found:

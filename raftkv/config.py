@@ -31,6 +31,7 @@ from raftkv.ring import DEFAULT_VNODES
 DEFAULT_GRPC = "127.0.0.1:7001"
 DEFAULT_RAFT = "127.0.0.1:7101"
 SECRET_ENV = "RAFTKV_RAFT_SECRET"
+SECRET_FILE_ENV = "RAFTKV_SECRET_FILE"
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1024 * 1024
@@ -172,10 +173,40 @@ class ClusterConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
+MIN_SECRET_CHARS = 16
+
+
+def read_secret_file(path: Path) -> str:
+    """The cluster secret from a file (surrounding whitespace ignored)."""
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the secret file {path}: {e}") from None
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"the secret in {path} is {len(secret)} characters; use at least "
+            f"{MIN_SECRET_CHARS} (for example: raftkv auth secret {path})"
+        )
+    return secret
+
+
 @dataclass(frozen=True)
 class Limits:
+    """Sizes and counts a node accepts; beyond them it refuses with a clear error."""
+
     max_key_bytes: int = MAX_KEY_BYTES
     max_value_bytes: int = MAX_VALUE_BYTES
+    # Requests one bulk call may carry.
+    max_bulk_items: int = 10_000
+    # Bytes of values one reply may carry (a GetMany listing a big key many times must not
+    # make the node build gigabytes): keys past it fail with RESOURCE_EXHAUSTED, retryable.
+    max_reply_bytes: int = 4 * 1024 * 1024
+    # RPCs handled at once by this node; more are refused with RESOURCE_EXHAUSTED at once,
+    # so an overload costs the excess a retry instead of costing everyone latency.
+    max_concurrent_rpcs: int = 1024
+    # Open gRPC connections; beyond it the server stops accepting (file descriptors must be
+    # left for the journals and the Raft port).
+    max_grpc_connections: int = 4096
 
     def check(self, key: bytes, value: bytes | None = None) -> None:
         if not key:
@@ -209,6 +240,42 @@ class RaftTuning:
 
 
 @dataclass(frozen=True)
+class ServerTLS:
+    """TLS on the gRPC port (etcd's --cert-file, --key-file, --trusted-ca-file)."""
+
+    cert_file: Path
+    key_file: Path
+    # Verifies client certificates (with client_cert_auth) and other nodes' gRPC servers
+    # when this node forwards a request.
+    trusted_ca_file: Path | None = None
+    client_cert_auth: bool = False
+
+
+@dataclass(frozen=True)
+class PeerTLS:
+    """Mutual TLS on the Raft port (etcd's --peer-cert-file, --peer-key-file, ...)."""
+
+    cert_file: Path
+    key_file: Path
+    trusted_ca_file: Path
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a node protects its two ports. The default (nothing) is allowed on loopback only."""
+
+    grpc_tls: ServerTLS | None = None
+    peer_tls: PeerTLS | None = None
+    # Bearer tokens: a file of static tokens and/or a key that verifies minted tokens.
+    auth_token_file: Path | None = None
+    auth_key_file: Path | None = None
+
+    @property
+    def auth(self) -> bool:
+        return self.auth_token_file is not None or self.auth_key_file is not None
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """What one ``raftkv serve`` process needs beyond the cluster file."""
 
@@ -217,6 +284,10 @@ class NodeSettings:
     log_dir: Path
     limits: Limits = Limits()
     raft: RaftTuning = RaftTuning()
+    security: Security = Security()
+    # Rebuild every replica whose files fail their checks from its peers (the broken
+    # directory is kept aside); without it the node refuses to start and says why.
+    recover_from_peers: bool = False
     # How long a request waits for a shard to elect a leader before UNAVAILABLE.
     leader_wait_s: float = 3.0
     # Deadline of one proposal (and of one forwarded request).

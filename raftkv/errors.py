@@ -14,7 +14,12 @@ reach a user as an anonymous INTERNAL.
     │   └── NotLeader          this replica is not the leader    UNAVAILABLE        retry at hint
     ├── ProposalTimeout        outcome unknown at the deadline   DEADLINE_EXCEEDED  retry, same id
     ├── Overloaded             queue full, too many in flight    RESOURCE_EXHAUSTED retry later
-    └── ClusterMismatch        cluster file / data dir disagree  FAILED_PRECONDITION no retry
+    │   └── NoSpace            the data disk is full             RESOURCE_EXHAUSTED retry later
+    ├── ClusterMismatch        cluster file / data dir disagree  FAILED_PRECONDITION no retry
+    ├── Unauthenticated        no token, or a bad one            UNAUTHENTICATED    no retry
+    ├── PermissionDenied       the token's role is too weak      PERMISSION_DENIED  no retry
+    └── StorageError           a file of the data dir is corrupt, FAILED_PRECONDITION no retry
+                               missing or cannot be written      (refuses to start)
 
 ``Unavailable`` carries the leader hint (node id and gRPC endpoint) when one is known; the
 server sends it as trailing metadata ``raftkv-leader`` / ``raftkv-leader-endpoint``.
@@ -91,8 +96,27 @@ class Overloaded(RaftKVError):
     retryable = True
 
 
+class NoSpace(Overloaded):
+    """The data disk is full: writes are refused until space is freed."""
+
+
 class ClusterMismatch(RaftKVError):
     """Two parties disagree on the cluster (different cluster file, or a data dir of another)."""
+
+
+class Unauthenticated(RaftKVError):
+    """The request carries no credentials this node accepts (missing, malformed or expired)."""
+
+
+class PermissionDenied(RaftKVError):
+    """The caller is known, but its role does not allow this request."""
+
+
+class StorageError(RaftKVError):
+    """A data-dir file is corrupt, incomplete or cannot be written; the message names it.
+
+    At start-up the node refuses to run with it; at run time the affected replica stops.
+    """
 
 
 GRPC_STATUS: dict[type[RaftKVError], grpc.StatusCode] = {
@@ -103,7 +127,11 @@ GRPC_STATUS: dict[type[RaftKVError], grpc.StatusCode] = {
     NotLeader: grpc.StatusCode.UNAVAILABLE,
     ProposalTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoSpace: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ClusterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    StorageError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -130,6 +158,10 @@ def error_from_status(
         return ProposalTimeout(message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(message)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(message)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(message)
     shard = md.get(SHARD_METADATA)
     return Unavailable(
         message or code.name,

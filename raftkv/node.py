@@ -10,7 +10,14 @@ Routing, for a request on shard ``s`` arriving at any node:
   with whatever hint exists.
 
 The data dir holds ``node.json`` (node id and cluster fingerprint, checked at every start so a
-data dir can never be served under another identity or cluster) and ``shard-<s>/``.
+data dir can never be served under another identity or cluster) and ``shard-<s>/``. Every
+replica's files are checked before the node starts (see :mod:`raftkv.raft.storage`): a node
+with a corrupt or incomplete replica refuses to start and lists them all, unless told to
+rebuild them from their peers (``recover_from_peers``).
+
+Exposure rules, checked here at start-up: a Raft port on a non-loopback address needs a
+cluster secret or peer TLS (or anyone who reaches it could pose as a peer), and a gRPC port on
+a non-loopback address needs client authentication (tokens or client certificates).
 """
 
 from __future__ import annotations
@@ -27,29 +34,32 @@ import grpc
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
-from raftkv.config import ClusterConfig, NodeSettings
+from raftkv.admission import Gate
+from raftkv.config import ClusterConfig, ConfigError, NodeSettings, split_hostport
 from raftkv.errors import (
     LEADER_ENDPOINT_METADATA,
     LEADER_METADATA,
     SHARD_METADATA,
     ClusterMismatch,
     NotLeader,
+    StorageError,
     Unavailable,
     rpc_error,
 )
+from raftkv.network import Dialer, is_loopback, node_dialer, peer_contexts
 from raftkv.placement import Placement
+from raftkv.raft.handshake import Secret
+from raftkv.raft.link import LinkSecurity
+from raftkv.raft.storage import ReplicaStorage, create_recovering, open_storage, set_aside
 from raftkv.ring import Ring
 from raftkv.shard import RaftDriver, ShardReplica
+from raftkv.statemachine import digest_of
 
 log = logging.getLogger("raftkv.node")
 
 T = TypeVar("T")
 FORWARDED_METADATA = "raftkv-forwarded"
-GRPC_MAX_MESSAGE = 8 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-]
+DATA_FORMAT = 2  # node.json "format": 2 = checksummed journals and snapshots
 # After a peer refuses a connection, do not try it again for this long.
 PEER_BACKOFF_S = 0.3
 
@@ -57,9 +67,10 @@ PEER_BACKOFF_S = 0.3
 class Peer:
     """A gRPC link to another node, opened lazily and reused."""
 
-    def __init__(self, node_id: str, endpoint: str) -> None:
+    def __init__(self, node_id: str, endpoint: str, dialer: Dialer) -> None:
         self.node_id = node_id
         self.endpoint = endpoint
+        self._dialer = dialer
         self._channel: grpc.aio.Channel | None = None
         # Stubs are cached: building one creates a callable per RPC method.
         self._kv: kv_grpc.KVStub | None = None
@@ -81,7 +92,7 @@ class Peer:
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.endpoint, options=GRPC_OPTIONS)
+            self._channel = self._dialer.channel(self.endpoint)
         return self._channel
 
     async def close(self) -> None:
@@ -102,29 +113,125 @@ class Node:
         self.ring = Ring(cluster.shards, cluster.vnodes)
         self.placement = Placement.of(cluster.node_ids, cluster.shards, cluster.replicas)
         self.endpoints = {n.id: n.grpc for n in cluster.nodes}
-        self.peers = {n.id: Peer(n.id, n.grpc) for n in cluster.nodes if n.id != self.id}
+        security = settings.security
+        link_security = self._check_exposure()
+        dialer = node_dialer(security.grpc_tls, security.peer_tls)
+        self.peers = {n.id: Peer(n.id, n.grpc, dialer) for n in cluster.nodes if n.id != self.id}
         self._leader_cache: dict[int, str] = {}
         self._check_data_dir()
-        self.driver = RaftDriver(cluster, self.id, settings.raft)
+        storages = self._open_storages()
+        self.driver = RaftDriver(cluster, self.id, settings.raft, link_security)
         self.replicas: dict[int, ShardReplica] = {}
-        for s in self.placement.shards_on(self.id):
+        for s, storage in storages.items():
             others = [n for n in self.placement.replicas_of(s) if n != self.id]
-            self.replicas[s] = ShardReplica(
-                s,
-                self.id,
-                others,
-                settings.data_dir / f"shard-{s}",
-                self.driver,
-            )
+            self.replicas[s] = ShardReplica(s, self.id, others, storage, self.driver)
         self.started = False
+        # Digests walk every key: one at a time per node, and only a few callers may queue.
+        self._digest_gate = Gate(1, max_waiting=4, what="a data digest")
+
+    def _check_exposure(self) -> LinkSecurity:
+        """Refuse to expose a port without protection; build the Raft port's security."""
+        me = self.cluster.node(self.id)
+        security = self.settings.security
+        raft_host, _ = split_hostport(me.raft, f"nodes.{self.id}.raft")
+        if not is_loopback(raft_host) and not self.cluster.secret and security.peer_tls is None:
+            raise ConfigError(
+                f"refusing to start: the Raft port {me.raft} is not a loopback address and "
+                "there is no cluster secret (--secret-file or RAFTKV_RAFT_SECRET) or peer TLS "
+                "(--peer-cert-file/--peer-key-file/--peer-trusted-ca-file): anyone who can "
+                "reach it could pose as a peer"
+            )
+        grpc_host, _ = split_hostport(me.grpc, f"nodes.{self.id}.grpc")
+        client_certs = security.grpc_tls is not None and security.grpc_tls.client_cert_auth
+        if not is_loopback(grpc_host) and not security.auth and not client_certs:
+            raise ConfigError(
+                f"refusing to start: the gRPC port {me.grpc} is not a loopback address and "
+                "clients are not authenticated: set --auth-token-file or --auth-key-file "
+                "(bearer tokens) or --client-cert-auth (client certificates)"
+            )
+        if not is_loopback(grpc_host) and security.auth and security.grpc_tls is None:
+            log.warning(
+                "the gRPC port %s is not loopback and has no TLS: bearer tokens cross the "
+                "network in clear text (set --cert-file/--key-file)",
+                me.grpc,
+            )
+        tls_server = tls_client = None
+        if security.peer_tls is not None:
+            tls_server, tls_client = peer_contexts(security.peer_tls)
+        return LinkSecurity(
+            node_id=self.id,
+            fingerprint=self.cluster.fingerprint,
+            secret=Secret(self.cluster.secret) if self.cluster.secret else None,
+            tls_server=tls_server,
+            tls_client=tls_client,
+        )
+
+    def _open_storages(self) -> dict[int, ReplicaStorage]:
+        """Open and check every replica's files; rebuild or refuse the broken ones."""
+        storages: dict[int, ReplicaStorage] = {}
+        problems: list[str] = []
+        for s in self.placement.shards_on(self.id):
+            directory = self.settings.data_dir / f"shard-{s}"
+            try:
+                storages[s] = open_storage(directory, s)
+                continue
+            except StorageError as e:
+                if not self.settings.recover_from_peers:
+                    problems.append(str(e))
+                    continue
+                reason = str(e)
+            if len(self.placement.replicas_of(s)) < 2:
+                problems.append(f"shard {s} has no other replica to recover from: {reason}")
+                continue
+            aside = set_aside(directory)
+            log.warning(
+                "shard %d: %s; moved the directory to %s and rebuilding this replica from its "
+                "peers (it will not vote until it has caught up)",
+                s,
+                reason,
+                aside,
+            )
+            storages[s] = create_recovering(directory, s)
+        if problems:
+            for st in storages.values():
+                st.journal._destroy()
+            raise StorageError(
+                f"refusing to start node {self.id}: "
+                + "; ".join(problems)
+                + (
+                    ""
+                    if self.settings.recover_from_peers
+                    else " (to rebuild the broken replicas from their peers, which keeps the "
+                    "broken files aside: raftkv serve --recover-from-peers)"
+                )
+            )
+        return storages
 
     def _check_data_dir(self) -> None:
         d = self.settings.data_dir
-        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write-test"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StorageError(
+                f"the data dir {d} is not writable: {e.strerror or e}; check its permissions, "
+                "the mount (read-only?) and free space"
+            ) from None
         meta_path = d / "node.json"
-        want = {"node_id": self.id, "cluster_fingerprint": self.cluster.fingerprint}
+        want = {
+            "node_id": self.id,
+            "cluster_fingerprint": self.cluster.fingerprint,
+            "format": DATA_FORMAT,
+        }
         if meta_path.exists():
-            have = json.loads(meta_path.read_text())
+            try:
+                have = json.loads(meta_path.read_text())
+                if not isinstance(have, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                raise StorageError(f"{meta_path} is unreadable ({e})") from None
             if have.get("node_id") != self.id:
                 raise ClusterMismatch(
                     f"data dir {d} belongs to node {have.get('node_id')!r}, not {self.id!r}; "
@@ -136,6 +243,12 @@ class Node:
                     f"{have.get('cluster_fingerprint')}, but this cluster file has "
                     f"{self.cluster.fingerprint}; changing shards, replicas or nodes of an "
                     "existing cluster is not supported yet"
+                )
+            if have.get("format") != DATA_FORMAT:
+                raise StorageError(
+                    f"data dir {d} was written by raftkv 0.1 (no checksums); this version "
+                    "cannot serve it. Move it aside and start the node with an empty data dir "
+                    "so it rebuilds from its peers"
                 )
             return
         tmp = meta_path.with_suffix(".tmp")
@@ -247,9 +360,6 @@ class Node:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def forward_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((FORWARDED_METADATA, self.id),)
-
     # -- leader balance --------------------------------------------------------------------
 
     def rebalance_once(self) -> bool:
@@ -298,30 +408,44 @@ class Node:
 
     async def local_status(self, digest: bool = False) -> kv.StatusResponse:
         resp = self._status_skeleton()
-        for s, replica in sorted(self.replicas.items()):
-            info = replica.info
-            status = kv.ReplicaStatus(
-                node=self.id,
-                role=info.role,
-                term=info.term,
-                commit_index=info.commit_index,
-                last_applied=info.last_applied,
-                leader=info.leader,
-                keys=info.keys,
-            )
+        if digest:
+            await self._digest_gate.acquire()
+        try:
+            for s, replica in sorted(self.replicas.items()):
+                info = replica.info
+                status = kv.ReplicaStatus(
+                    node=self.id,
+                    role=info.role,
+                    term=info.term,
+                    commit_index=info.commit_index,
+                    last_applied=info.last_applied,
+                    leader=info.leader,
+                    keys=info.keys,
+                    problem=info.problem,
+                )
+                if digest:
+                    # Copy on the Raft thread (cheap), hash on a worker thread: the Raft thread
+                    # must keep ticking every group while a large map is walked.
+                    status.last_applied, items = await replica.snapshot_items()
+                    status.digest = await asyncio.to_thread(digest_of, items)
+                resp.shards[s].replica_status.append(status)
+        finally:
             if digest:
-                status.last_applied, status.digest = await replica.digest()
-            resp.shards[s].replica_status.append(status)
+                self._digest_gate.release()
         self._summarize(resp)
         return resp
 
     def _status_skeleton(self) -> kv.StatusResponse:
+        links = self.driver.transport.link_states()
         return kv.StatusResponse(
             node=self.id,
             shard_count=self.cluster.shards,
             vnodes=self.cluster.vnodes,
             cluster_fingerprint=self.cluster.fingerprint,
-            nodes=[kv.NodeInfo(id=n.id, grpc=n.grpc, raft=n.raft) for n in self.cluster.nodes],
+            nodes=[
+                kv.NodeInfo(id=n.id, grpc=n.grpc, raft=n.raft, raft_link=links.get(n.id, ""))
+                for n in self.cluster.nodes
+            ],
             shards=[
                 kv.ShardStatus(shard_id=s, replicas=list(self.placement.replicas_of(s)))
                 for s in range(self.cluster.shards)
@@ -342,8 +466,13 @@ class Node:
                 else max((r.commit_index for r in shard.replica_status), default=0)
             )
 
-    async def cluster_status(self, timeout: float, digest: bool = False) -> kv.StatusResponse:
-        """Every node's view merged: ask each peer for its local status, with a deadline."""
+    async def cluster_status(
+        self, timeout: float, digest: bool = False, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> kv.StatusResponse:
+        """Every node's view merged: ask each peer for its local status, with a deadline.
+
+        ``metadata`` carries the caller's credentials, so each peer checks them itself.
+        """
         resp = self._status_skeleton()
         local = await self.local_status(digest)
         views: dict[str, kv.StatusResponse | None] = {self.id: local}
@@ -351,7 +480,9 @@ class Node:
         async def ask(peer: Peer) -> None:
             try:
                 view = await peer.cluster.Status(
-                    kv.StatusRequest(local_only=True, digest=digest), timeout=timeout
+                    kv.StatusRequest(local_only=True, digest=digest),
+                    timeout=timeout,
+                    metadata=metadata,
                 )
             except grpc.aio.AioRpcError:
                 views[peer.node_id] = None

@@ -1,76 +1,183 @@
-"""gRPC servicers: validate → node → one error→status table.
+"""The gRPC front end: a thin service layer behind one guard per method.
 
-Each handler is thin, as etcd's v3rpc handlers are: check sizes and fields, turn the request
-into a command, let :meth:`Node.route` run it at the shard's leader (here or one hop away), and
-translate any :class:`~raftkv.errors.RaftKVError` through :data:`~raftkv.errors.GRPC_STATUS`.
-An unexpected exception is logged and answered INTERNAL; it never takes the node down.
+Every raftkv RPC takes the same path, as etcd's v3rpc handlers do::
 
-:func:`serve` runs a node: grpc.aio on uvloop, the standard health service (SERVING once the
-Raft thread runs) and server reflection, until SIGTERM/SIGINT.
+    request bytes ─ safe decode ─▶ Guard: admission → authentication → role ─▶ handler ─▶ node
+                    (malformed →    (RESOURCE_EXHAUSTED, UNAUTHENTICATED,       │
+                    INVALID_ARGUMENT)  PERMISSION_DENIED)            errors → one status table
+
+* **Safe decode**: the method handlers are registered with our own deserializers, so bytes that
+  are not the request message are answered INVALID_ARGUMENT with a short message, never a
+  Python traceback (grpc's default is UNKNOWN plus a logged exception).
+* **The guard** (:class:`Guard`) wraps each handler once, at registration: it bounds the RPCs in
+  flight (:mod:`raftkv.admission`), checks the bearer token and the role the method needs
+  (:mod:`raftkv.auth`), and translates every :class:`~raftkv.errors.RaftKVError` through
+  :data:`~raftkv.errors.GRPC_STATUS`, with the leader hint on UNAVAILABLE. An unexpected
+  exception is logged and answered INTERNAL; it never takes the node down.
+* **Handlers** (:class:`KVService`, :class:`ClusterService`) check sizes and fields, turn the
+  request into a command, and let :meth:`Node.route` run it at the shard's leader (here or one
+  hop away, passing the caller's token along). The client's deadline bounds the whole request,
+  the proposal and the read barrier included.
+
+:func:`serve` runs a node: grpc.aio on uvloop, TLS if configured, the standard health service
+and server reflection (both open, as in etcd), until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from raftkv import command
 from raftkv._pb.raftkv.v1 import command_pb2 as cpb
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
-from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.admission import RETRY_AFTER_METADATA, Admission
+from raftkv.auth import Authenticator, Identity, Role, parse_bearer, require, role_for
 from raftkv.errors import (
     InvalidArgument,
     KeyNotFound,
+    Overloaded,
     PreconditionFailed,
     RaftKVError,
+    Unauthenticated,
     Unavailable,
     status_for,
 )
-from raftkv.node import FORWARDED_METADATA, GRPC_OPTIONS, Node, Peer, leader_trailers
+from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
+from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
 from raftkv.shard import ShardReplica
 
 log = logging.getLogger("raftkv.server")
 
-MAX_BULK_ITEMS = 10_000
+KV_SERVICE = "raftkv.v1.KV"
+CLUSTER_SERVICE = "raftkv.v1.Cluster"
+_CONSISTENCIES = frozenset(kv.Consistency.values())
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
-def translated(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Map raftkv errors to gRPC statuses (with leader hints); never let a request crash us."""
+class Malformed:
+    """What our deserializer returns for bytes that are not the request message."""
 
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+    def __init__(self, message_type: str, size: int) -> None:
+        self.message_type = message_type
+        self.size = size
+
+
+def _decoder(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def decode(data: bytes) -> Message | Malformed:
         try:
-            return await fn(self, request, context)
-        except RaftKVError as e:
-            if isinstance(e, Unavailable):
-                if e.leader and not e.leader_endpoint:
-                    e.leader_endpoint = self.node.endpoints.get(e.leader, "")
-                context.set_trailing_metadata(leader_trailers(e))
-            await context.abort(status_for(e), str(e))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:
-            log.exception("internal error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
-        raise AssertionError("unreachable")  # abort() always raises
+            return cls.FromString(data)
+        except DecodeError:
+            return Malformed(cls.DESCRIPTOR.name, len(data))
 
-    return wrapper
+    return decode
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent this request, and the metadata that carries them along when forwarding."""
+
+    identity: Identity | None  # None when authentication is off
+    forward_metadata: tuple[tuple[str, str], ...]
+    forwarded: bool
+
+    def require(self, role: Role, what: str) -> None:
+        if self.identity is not None:
+            require(self.identity, role, what)
+
+
+Handler = Callable[[Any, Context, Caller], Awaitable[Any]]
+
+
+class Guard:
+    """Admission, authentication and error translation, wrapped around each handler once."""
+
+    def __init__(self, node: Node, authenticator: Authenticator | None, admission: Admission):
+        self.node = node
+        self.authenticator = authenticator if authenticator and authenticator.enabled else None
+        self.admission = admission
+        self._own_forward = ((FORWARDED_METADATA, node.id),)
+
+    def _caller(self, context: Context, method: str) -> Caller:
+        token = ""
+        forwarded = False
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION:
+                token = str(value)
+            elif key == FORWARDED_METADATA:
+                forwarded = True
+        forward = self._own_forward + (((AUTHORIZATION, token),) if token else ())
+        if self.authenticator is None:
+            return Caller(None, forward, forwarded)
+        if not token:
+            raise Unauthenticated(
+                f"{method} needs a bearer token (metadata 'authorization: Bearer <token>'; "
+                "raftkv clients: --token or RAFTKV_TOKEN)"
+            )
+        identity = self.authenticator.authenticate(parse_bearer(token))
+        require(identity, role_for(method), method)
+        return Caller(identity, forward, forwarded)
+
+    def wrap(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
+        admission = self.admission
+
+        async def handle(request: Any, context: Context) -> Any:
+            if isinstance(request, Malformed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed request: {request.size} bytes that do not parse as "
+                    f"{request.message_type}",
+                )
+            if not admission.try_enter():
+                context.set_trailing_metadata(
+                    ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
+                )
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admission.refusal()))
+            try:
+                return await fn(request, context, self._caller(context, method))
+            except RaftKVError as e:
+                if isinstance(e, Unavailable):
+                    if e.leader and not e.leader_endpoint:
+                        e.leader_endpoint = self.node.endpoints.get(e.leader, "")
+                    context.set_trailing_metadata(leader_trailers(e))
+                elif isinstance(e, Overloaded):
+                    context.set_trailing_metadata(
+                        ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
+                    )
+                await context.abort(status_for(e), str(e))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:
+                log.exception("internal error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+            finally:
+                admission.leave()
+            raise AssertionError("unreachable")  # abort() always raises
+
+        return handle
+
+
+@dataclass(frozen=True)
+class _Method(Generic[Req, Resp]):
+    name: str
+    request: type[Message]
+    response: type[Message]
+    handler: Handler
 
 
 def _headers(resp: Any) -> list[kv.ResponseHeader]:
@@ -120,11 +227,43 @@ def _with_id(request: Req, client_id: bytes, seq: int) -> Req:
     return fwd
 
 
-def _is_forwarded(context: Context) -> bool:
-    return any(k == FORWARDED_METADATA for k, _ in (context.invocation_metadata() or ()))
+def _check_consistency(value: int) -> bool:
+    """True for a stale read; INVALID_ARGUMENT for a value the API does not define."""
+    if value not in _CONSISTENCIES:
+        raise InvalidArgument(
+            f"consistency {value} is not one of LINEARIZABLE (1), STALE (2) or unspecified (0)"
+        )
+    return value == kv.STALE
 
 
-class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
+class _ReplyBudget:
+    """Bytes of values one bulk reply may still carry (see Limits.max_reply_bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            self.left = -1  # once exhausted, stay exhausted: later keys must not slip in
+            return False
+        self.left -= size
+        return True
+
+    def refusal(self, shard: int) -> kv.GetResult:
+        return kv.GetResult(
+            shard_id=shard,
+            error=kv.KeyError(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
+                message=f"the reply reached its size limit of {self.limit} bytes; ask for "
+                "this key again in another request",
+            ),
+        )
+
+
+class KVService:
+    """The KV methods. Each checks its input, builds a command and routes it."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
         self.limits = node.settings.limits
@@ -133,12 +272,32 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         self._client_id = os.urandom(16)
         self._seq = itertools.count(1)
 
+    def methods(self) -> list[_Method[Any, Any]]:
+        return [
+            _Method("Put", kv.PutRequest, kv.PutResponse, self.put),
+            _Method("Get", kv.GetRequest, kv.GetResponse, self.get),
+            _Method("Delete", kv.DeleteRequest, kv.DeleteResponse, self.delete),
+            _Method(
+                "CompareAndSwap",
+                kv.CompareAndSwapRequest,
+                kv.CompareAndSwapResponse,
+                self.compare_and_swap,
+            ),
+            _Method("PutMany", kv.PutManyRequest, kv.PutManyResponse, self.put_many),
+            _Method("GetMany", kv.GetManyRequest, kv.GetManyResponse, self.get_many),
+        ]
+
     def _deadline(self, context: Context) -> float:
         budget = self.node.settings.leader_wait_s + self.node.settings.proposal_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining)
         return time.monotonic() + budget
+
+    def _timeout(self, deadline: float) -> float:
+        """A proposal's or barrier's share of the request: never past the client's deadline."""
+        left = deadline - time.monotonic()
+        return max(0.001, min(self.node.settings.proposal_timeout_s, left))
 
     def _shard(self, key: bytes, claimed: int | None) -> int:
         shard = self.node.shard_for(key)
@@ -150,6 +309,8 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
 
     def _request_id(self, rid: kv.RequestId) -> tuple[bytes, int]:
         if rid.client_id:
+            if len(rid.client_id) > 64:
+                raise InvalidArgument("request_id.client_id is longer than 64 bytes")
             return rid.client_id, rid.seq
         return self._client_id, next(self._seq)
 
@@ -168,62 +329,63 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         shard: int,
         data: bytes,
         context: Context,
+        caller: Caller,
         forward: Callable[[Peer, float], Awaitable[Resp]],
         reply: Callable[[cpb.CommandResult, kv.ResponseHeader], Resp],
     ) -> Resp:
-        timeout = self.node.settings.proposal_timeout_s
+        deadline = self._deadline(context)
 
         async def local(replica: ShardReplica) -> Resp:
-            result, index = await replica.propose(data, timeout)
+            result, index = await replica.propose(data, self._timeout(deadline))
+            if result.code == cpb.CommandResult.REQUEST_ID_REUSED:
+                raise InvalidArgument(
+                    "this request id was already used for a different command; nothing was "
+                    "applied (use a new request id for every new write)"
+                )
             return reply(result, self._header(replica, index))
 
         resp = await self.node.route(
-            shard,
-            local,
-            forward,
-            forwarded=_is_forwarded(context),
-            deadline=self._deadline(context),
+            shard, local, forward, forwarded=caller.forwarded, deadline=deadline
         )
         for header in _headers(resp):
             self.node.learn_leader(header.shard_id, header.leader)
         return resp
 
-    @translated
-    async def Put(self, request: kv.PutRequest, context: Context) -> kv.PutResponse:
+    async def put(self, request: kv.PutRequest, context: Context, caller: Caller) -> Any:
         self.limits.check(request.key, request.value)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.put(request.key, request.value, client_id, seq)
-        md = self.node.forward_metadata()
+        md = caller.forward_metadata
         return await self._write(
             shard,
             data,
             context,
+            caller,
             lambda peer, t: peer.kv.Put(_with_id(request, client_id, seq), timeout=t, metadata=md),
             lambda r, h: kv.PutResponse(header=h, version=r.version),
         )
 
-    @translated
-    async def Delete(self, request: kv.DeleteRequest, context: Context) -> kv.DeleteResponse:
+    async def delete(self, request: kv.DeleteRequest, context: Context, caller: Caller) -> Any:
         self.limits.check(request.key)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.delete(request.key, client_id, seq)
-        md = self.node.forward_metadata()
+        md = caller.forward_metadata
         return await self._write(
             shard,
             data,
             context,
+            caller,
             lambda peer, t: peer.kv.Delete(
                 _with_id(request, client_id, seq), timeout=t, metadata=md
             ),
             lambda r, h: kv.DeleteResponse(header=h, existed=r.existed),
         )
 
-    @translated
-    async def CompareAndSwap(
-        self, request: kv.CompareAndSwapRequest, context: Context
-    ) -> kv.CompareAndSwapResponse:
+    async def compare_and_swap(
+        self, request: kv.CompareAndSwapRequest, context: Context, caller: Caller
+    ) -> Any:
         self.limits.check(request.key, request.value)
         which = request.WhichOneof("expected")
         if which is None:
@@ -240,7 +402,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             client_id=client_id,
             seq=seq,
         )
-        md = self.node.forward_metadata()
+        md = caller.forward_metadata
 
         def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.CompareAndSwapResponse:
             if r.code == cpb.CommandResult.PRECONDITION_FAILED:
@@ -255,19 +417,20 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             shard,
             data,
             context,
+            caller,
             lambda peer, t: peer.kv.CompareAndSwap(
                 _with_id(request, client_id, seq), timeout=t, metadata=md
             ),
             reply,
         )
 
-    @translated
-    async def Get(self, request: kv.GetRequest, context: Context) -> kv.GetResponse:
+    async def get(self, request: kv.GetRequest, context: Context, caller: Caller) -> Any:
         self.limits.check(request.key)
+        stale = _check_consistency(request.consistency)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         key = request.key
-        stale = request.consistency == kv.STALE
-        md = self.node.forward_metadata()
+        md = caller.forward_metadata
+        deadline = self._deadline(context)
 
         def found(replica: ShardReplica, index: int) -> kv.GetResponse:
             entry = replica.read_local(key)
@@ -282,7 +445,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             return found(replica, replica.info.last_applied)
 
         async def local(replica: ShardReplica) -> kv.GetResponse:
-            index = await replica.read_index(self.node.settings.proposal_timeout_s)
+            index = await replica.read_index(self._timeout(deadline))
             return found(replica, index)
 
         # route() turns a peer's NOT_FOUND (or any other non-retryable status) into our error.
@@ -290,15 +453,15 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             shard,
             local,
             lambda peer, t: peer.kv.Get(request, timeout=t, metadata=md),
-            forwarded=_is_forwarded(context),
-            deadline=self._deadline(context),
+            forwarded=caller.forwarded,
+            deadline=deadline,
         )
 
     def _group(self, keys: list[bytes]) -> dict[int, list[int]]:
         """shard → positions in the request, validating every key."""
-        if len(keys) > MAX_BULK_ITEMS:
+        if len(keys) > self.limits.max_bulk_items:
             raise InvalidArgument(
-                f"{len(keys)} items; a bulk request takes at most {MAX_BULK_ITEMS}"
+                f"{len(keys)} items; a bulk request takes at most {self.limits.max_bulk_items}"
             )
         groups: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
@@ -309,8 +472,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
             groups.setdefault(self.node.shard_for(key), []).append(i)
         return groups
 
-    @translated
-    async def PutMany(self, request: kv.PutManyRequest, context: Context) -> kv.PutManyResponse:
+    async def put_many(self, request: kv.PutManyRequest, context: Context, caller: Caller) -> Any:
         items = list(request.items)
         for i, item in enumerate(items):
             if len(item.value) > self.limits.max_value_bytes:
@@ -321,7 +483,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         groups = self._group([item.key for item in items])
         client_id, seq = self._request_id(request.request_id)
         rid = kv.RequestId(client_id=client_id, seq=seq)
-        md = self.node.forward_metadata()
+        md = caller.forward_metadata
 
         async def one_shard(shard: int, positions: list[int]) -> kv.PutManyResponse:
             part = [items[i] for i in positions]
@@ -338,6 +500,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
                 shard,
                 data,
                 context,
+                caller,
                 lambda peer, t: peer.kv.PutMany(sub, timeout=t, metadata=md),
                 reply,
             )
@@ -345,27 +508,31 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
         results, headers = await _fan_out(groups, len(items), one_shard, kv.PutResult)
         return kv.PutManyResponse(results=results, headers=headers)
 
-    @translated
-    async def GetMany(self, request: kv.GetManyRequest, context: Context) -> kv.GetManyResponse:
+    async def get_many(self, request: kv.GetManyRequest, context: Context, caller: Caller) -> Any:
         keys = list(request.keys)
         groups = self._group(keys)
-        stale = request.consistency == kv.STALE
-        md = self.node.forward_metadata()
+        stale = _check_consistency(request.consistency)
+        md = caller.forward_metadata
+        deadline = self._deadline(context)
+        budget = _ReplyBudget(self.limits.max_reply_bytes)
 
         def read(replica: ShardReplica, index: int, part: list[bytes]) -> kv.GetManyResponse:
             out = []
             for key in part:
                 entry = replica.read_local(key)
-                out.append(
-                    kv.GetResult(shard_id=replica.shard_id)
-                    if entry is None
-                    else kv.GetResult(
-                        shard_id=replica.shard_id,
-                        found=True,
-                        value=entry.value,
-                        version=entry.version,
+                if entry is None:
+                    out.append(kv.GetResult(shard_id=replica.shard_id))
+                elif not budget.take(len(entry.value)):
+                    out.append(budget.refusal(replica.shard_id))
+                else:
+                    out.append(
+                        kv.GetResult(
+                            shard_id=replica.shard_id,
+                            found=True,
+                            value=entry.value,
+                            version=entry.version,
+                        )
                     )
-                )
             return kv.GetManyResponse(results=out, headers=[self._header(replica, index)])
 
         async def one_shard(shard: int, positions: list[int]) -> kv.GetManyResponse:
@@ -375,7 +542,7 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
                 return read(replica, replica.info.last_applied, part)
 
             async def local(replica: ShardReplica) -> kv.GetManyResponse:
-                index = await replica.read_index(self.node.settings.proposal_timeout_s)
+                index = await replica.read_index(self._timeout(deadline))
                 return read(replica, index, part)
 
             sub = kv.GetManyRequest(keys=part, consistency=request.consistency)
@@ -383,51 +550,104 @@ class KVServicer(kv_grpc.KVServicer):  # type: ignore[misc]
                 shard,
                 local,
                 lambda peer, t: peer.kv.GetMany(sub, timeout=t, metadata=md),
-                forwarded=_is_forwarded(context),
-                deadline=self._deadline(context),
+                forwarded=caller.forwarded,
+                deadline=deadline,
             )
 
         results, headers = await _fan_out(groups, len(keys), one_shard, kv.GetResult)
+        # Parts read on other nodes were capped there; the whole reply is capped here, in
+        # request order, so it can never exceed the limit however the keys were spread.
+        total = _ReplyBudget(self.limits.max_reply_bytes)
+        for i, r in enumerate(results):
+            if r.found and not total.take(len(r.value)):
+                results[i] = total.refusal(r.shard_id)
         return kv.GetManyResponse(results=results, headers=headers)
 
 
-class ClusterServicer(kv_grpc.ClusterServicer):  # type: ignore[misc]
+class ClusterService:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    @translated
-    async def Status(self, request: kv.StatusRequest, context: Context) -> kv.StatusResponse:
+    def methods(self) -> list[_Method[Any, Any]]:
+        return [_Method("Status", kv.StatusRequest, kv.StatusResponse, self.status)]
+
+    async def status(self, request: kv.StatusRequest, context: Context, caller: Caller) -> Any:
+        if request.digest:
+            caller.require(Role.ADMIN, "Status with digest")
         if request.local_only:
             return await self.node.local_status(request.digest)
         remaining = context.time_remaining()
         timeout = min(1.5, remaining * 0.8) if remaining is not None else 1.5
-        return await self.node.cluster_status(timeout, request.digest)
+        return await self.node.cluster_status(
+            timeout, request.digest, metadata=caller.forward_metadata
+        )
 
 
-async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:
+def register(server: grpc.aio.Server, guard: Guard, service: str, methods: list[Any]) -> None:
+    """Register ``methods`` under ``service``, each behind the guard, with safe decoding."""
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            guard.wrap(f"/{service}/{m.name}", m.handler),
+            request_deserializer=_decoder(m.request),
+            response_serializer=m.response.SerializeToString,
+        )
+        for m in methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+
+
+def server_options(node: Node) -> list[tuple[str, int | str]]:
+    limits = node.settings.limits
+    return [
+        *GRPC_OPTIONS,
+        # New connections beyond this are closed at once: file descriptors stay available
+        # for the journals and the Raft port whatever a client does.
+        ("grpc.max_allowed_incoming_connections", limits.max_grpc_connections),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_rpcs),
+        # A connection must finish its HTTP/2 (and TLS) handshake quickly, and an idle one is
+        # closed (clients reconnect transparently).
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        ("grpc.max_connection_idle_ms", 300_000),
+    ]
+
+
+async def serve(
+    node: Node,
+    ready: Callable[[], None] | None = None,
+    authenticator: Authenticator | None = None,
+) -> None:
     """Run ``node``'s gRPC front end until SIGTERM or SIGINT."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    kv_grpc.add_KVServicer_to_server(KVServicer(node), server)
-    kv_grpc.add_ClusterServicer_to_server(ClusterServicer(node), server)
+    server = grpc.aio.server(options=server_options(node))
+    guard = Guard(node, authenticator, Admission(node.settings.limits.max_concurrent_rpcs))
+    register(server, guard, KV_SERVICE, KVService(node).methods())
+    register(server, guard, CLUSTER_SERVICE, ClusterService(node).methods())
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (
-        kv.DESCRIPTOR.services_by_name["KV"].full_name,
-        kv.DESCRIPTOR.services_by_name["Cluster"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
+    services = (KV_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     address = node.cluster.node(node.id).grpc
+    tls = node.settings.security.grpc_tls
     try:
-        server.add_insecure_port(address)
+        if tls is not None:
+            server.add_secure_port(address, server_credentials(tls))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as e:
         raise Unavailable(f"cannot bind the gRPC port {address}: {e}") from e
     node.start()
     await server.start()
-    for svc in ("", "raftkv.v1.KV", "raftkv.v1.Cluster"):
+    for svc in ("", KV_SERVICE, CLUSTER_SERVICE):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    log.info("node %s serving gRPC on %s", node.id, address)
+    log.info(
+        "node %s serving gRPC on %s (%s, %s)",
+        node.id,
+        address,
+        "TLS" + (" with client certificates" if tls and tls.client_cert_auth else "")
+        if tls
+        else "plaintext",
+        "bearer tokens required" if guard.authenticator else "no client authentication",
+    )
     balancer = asyncio.create_task(node.balance_leaders())
     if ready is not None:
         ready()
@@ -435,6 +655,8 @@ async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if guard.authenticator is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, guard.authenticator)
     await stop.wait()
     log.info("node %s stopping", node.id)
     balancer.cancel()
@@ -442,3 +664,12 @@ async def serve(node: Node, ready: Callable[[], None] | None = None) -> None:
     await server.stop(grace=2.0)
     await node.stop()
     log.info("node %s stopped", node.id)
+
+
+def _reload_tokens(authenticator: Authenticator) -> None:
+    try:
+        authenticator.reload()
+    except ValueError as e:
+        log.error("SIGHUP: keeping the old tokens; the token file is bad: %s", e)
+    else:
+        log.info("SIGHUP: reloaded the token file")

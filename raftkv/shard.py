@@ -11,6 +11,10 @@ Two pieces live here:
   resolves an asyncio future through ``loop.call_soon_threadsafe``. Every proposal has a
   deadline and its waiter is cleaned up on every path.
 
+Storage is ours (:mod:`raftkv.raft.journal`, :mod:`raftkv.raft.snapshot`): checksummed,
+checked at start-up, never mmapped and never pickled. pysyncobj only sees it through its
+``Journal`` interface and the overrides in :class:`_Group`.
+
 Linearizable reads use a *barrier*: a no-op command committed in the leader's current term
 proves that nobody else was leader when it committed, so the local map reflects every write
 acknowledged before the read began. Reads that arrive while a barrier is in flight wait for
@@ -20,6 +24,14 @@ while on a partitioned leader.
 
 Group commit: after a tick queues new entries, the driver ticks again immediately and forces
 an AppendEntries, so every proposal that arrived during one tick shares one message per peer.
+
+When the disk fails a replica: a failed *append* (full disk) makes it refuse writes for a
+moment and hand its leadership away, and it recovers by itself once appends succeed again; a
+failed *term/vote save* stops the replica for good (Raft must not act on a vote it could not
+persist) until the node is restarted. A replica rebuilt by ``--recover-from-peers`` starts
+*recovering*: it neither votes nor campaigns until a majority of its peers told it their terms
+(its term fence) and it holds a leader's log up to that leader's commit index in the leader's
+own term, so it can never undo a vote or an acknowledgement it gave before it lost its state.
 """
 
 from __future__ import annotations
@@ -29,36 +41,63 @@ import contextlib
 import fcntl
 import logging
 import os
-import pickle
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import pysyncobj.syncobj as pysyncobj_core
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import Node
 from pysyncobj.poller import POLL_EVENT_TYPE, createPoller
 
 from raftkv import command
 from raftkv._pb.raftkv.v1 import command_pb2 as pb
 from raftkv.config import ClusterConfig, RaftTuning
-from raftkv.errors import NotLeader, Overloaded, ProposalTimeout, RaftKVError, Unavailable
+from raftkv.errors import (
+    InvalidArgument,
+    NoSpace,
+    NotLeader,
+    Overloaded,
+    ProposalTimeout,
+    RaftKVError,
+    StorageError,
+    Unavailable,
+)
+from raftkv.raft.journal import Journal, JournalWriteError, MetaWriteError
+from raftkv.raft.link import LinkLimits, LinkSecurity
+from raftkv.raft.snapshot import SnapshotReceiver, read_snapshot, write_snapshot
+from raftkv.raft.storage import ReplicaStorage
+from raftkv.raft.transport import MuxTransport, ShardTransport
 from raftkv.statemachine import Entry, StateMachine
-from raftkv.transport import MuxTransport, ShardTransport
+from raftkv.throttle import Throttle
 
 log = logging.getLogger("raftkv.shard")
 
-# pysyncobj's command type byte for a regular command; we own everything after it.
+# pysyncobj's command type bytes; we own everything after REGULAR's.
 _REGULAR = b"\x00"
+_NO_OP = b"\x01"
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 SLOW_PROPOSAL_S = 1.0
 # Full tick period of every group (pysyncobj's timers run at this granularity).
 TICK_INTERVAL_S = 0.02
 # Longest time new entries wait for the previous AppendEntries to be acknowledged.
 MAX_APPEND_WAIT_S = 0.005
+# The largest command a proposal may carry (a PutMany shard part is bounded by the gRPC
+# message limit, far below). pysyncobj pickles and chunks any entry at least as large as its
+# appendEntriesBatchSizeBytes; that is set above this, so it never happens.
+MAX_COMMAND_BYTES = 16 * 1024 * 1024
+# Bytes of entries per AppendEntries (plus the entry that crosses it).
+APPEND_BATCH_BYTES = 1024 * 1024
+# Proposals waiting in pysyncobj's queue per shard; more are refused (RESOURCE_EXHAUSTED).
+COMMAND_QUEUE_SIZE = 20_000
+# After a failed append, writes are refused this long before the next one is tried.
+WRITE_ERROR_HOLD_S = 1.0
+# Calls queued for the Raft thread (leadership transfers, digests).
+MAX_QUEUED_CALLS = 1024
 
 
 @dataclass(frozen=True)
@@ -70,22 +109,35 @@ class ReplicaInfo:
     commit_index: int
     last_applied: int
     keys: int
+    problem: str = ""
 
 
 class _Group(SyncObj):  # type: ignore[misc]
-    """A pysyncobj group whose log holds our protobuf commands instead of pickles."""
+    """A pysyncobj group on our storage, whose log holds our protobuf commands."""
 
-    def __init__(self, machine: StateMachine, *args: Any, **kwargs: Any) -> None:
+    _SyncObj__raftCommitIndex: int
+    _SyncObj__raftLastApplied: int
+
+    def __init__(
+        self, shard_id: int, machine: StateMachine, storage: ReplicaStorage, *a: Any, **kw: Any
+    ) -> None:
+        self._shard_id = shard_id
         self._machine = machine
-        super().__init__(*args, **kwargs)
+        self._storage = storage
+        super().__init__(*a, **kw)
 
-    # pysyncobj applies entries through this name-mangled method; override it so REGULAR
-    # entries go to our state machine (raw bytes, never unpickled) with their log index.
+    # pysyncobj applies entries through this name-mangled method. REGULAR entries go to our
+    # state machine (raw bytes, never unpickled) with their log index; NO_OP does nothing.
+    # Nothing is ever handed to pysyncobj's own version, which would unpickle MEMBERSHIP and
+    # VERSION entries (the wire codec refuses those too).
     def _SyncObj__doApplyCommand(self, data: bytes) -> Any:
         if data[:1] == _REGULAR:
             index = self._SyncObj__raftLastApplied + 1
             return self._machine.apply(data[1:], index)
-        return SyncObj._SyncObj__doApplyCommand(self, data)
+        return None
+
+    def _SyncObj__parseChangeClusterRequest(self, _command: bytes) -> None:
+        return None  # membership changes are not pysyncobj's (and never unpickled)
 
     # pysyncobj sets nextIndex[peer] from every successful AppendEntries reply, even a reply
     # to an older request: with entries pipelined (we send as soon as proposals arrive), a
@@ -99,7 +151,6 @@ class _Group(SyncObj):  # type: ignore[misc]
         SyncObj._SyncObj__onMessageReceived(self, node, message)
         if (
             before is not None
-            and isinstance(message, dict)
             and message.get("type") == "next_node_idx"
             and message.get("success")
             and not message.get("reset")
@@ -108,21 +159,52 @@ class _Group(SyncObj):  # type: ignore[misc]
         ):
             next_index[node] = before
 
-    # Compaction truncates the journal right after the snapshot file was renamed into place;
-    # in fsync mode the rename must be durable first, or a power loss could leave neither.
-    def _SyncObj__deleteEntriesTo(self, to_index: int) -> None:
-        if self.before_truncate is not None:
-            self.before_truncate()
-        SyncObj._SyncObj__deleteEntriesTo(self, to_index)
+    def _SyncObj__getEntries(
+        self, fromIDx: int | None, count: int | None = None, maxSizeBytes: int | None = None
+    ) -> list[Any]:
+        # pysyncobj passes its (huge, see MAX_COMMAND_BYTES) batch size only when building an
+        # AppendEntries: cap that message at APPEND_BATCH_BYTES of entries instead.
+        if maxSizeBytes is not None:
+            maxSizeBytes = min(maxSizeBytes, APPEND_BATCH_BYTES)
+        entries: list[Any] = SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
+        return entries
 
-    before_truncate: Callable[[], None] | None = None
-
-    def sync_journal(self) -> None:
-        """Make every appended entry durable: one fsync covers the whole batch."""
-        journal = self._SyncObj__raftLog
-        resizable = journal._FileJournal__journalFile
-        resizable.flush()  # msync of the mapped journal
-        os.fsync(resizable._ResizableFile__f.fileno())
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        """Install the snapshot file (at start-up, or once the leader has sent one)."""
+        storage = self._storage
+        snap = storage.snapshot
+        storage.snapshot = None  # the parsed start-up copy is only needed once
+        if snap is None:
+            snap = read_snapshot(storage.snapshot_path, f"shard {self._shard_id}")
+        self._machine.restore(snap)
+        last = (snap.last_applied.command, snap.last_applied.index, snap.last_applied.term)
+        before = (
+            snap.before_last_applied.command,
+            snap.before_last_applied.index,
+            snap.before_last_applied.term,
+        )
+        journal: Journal = self._SyncObj__raftLog
+        position = last[1] - journal.first_index if len(journal) else -1
+        if not clearJournal and 1 <= position < len(journal) and journal[position][2] == last[2]:
+            # Raft's InstallSnapshot rule: the log holds the snapshot's last entry with the same
+            # term, so keep what follows it (a compaction interrupted by a crash left the older
+            # entries in place: drop just those).
+            if position > 1:
+                journal.deleteEntriesTo(position - 1)
+        else:
+            journal.replace([before, last])
+        self._SyncObj__raftLastApplied = last[1]
+        # Everything up to the snapshot is committed; nothing past our log end can be.
+        commit = min(max(int(self._SyncObj__raftCommitIndex), last[1]), journal.last_index)
+        self._SyncObj__raftCommitIndex = commit
+        journal.setRaftCommitIndex(commit)
+        log.info(
+            "shard %d: %s snapshot at index %d (%d keys)",
+            self._shard_id,
+            "installed the leader's" if clearJournal else "restored",
+            last[1],
+            len(self._machine),
+        )
 
     def send_append_entries(self) -> None:
         self._SyncObj__sendAppendEntries()
@@ -132,6 +214,30 @@ class _Group(SyncObj):  # type: ignore[misc]
 
     def last_applied(self) -> int:
         return int(self._SyncObj__raftLastApplied)
+
+    def entry_term(self, index: int) -> int | None:
+        entries = self._SyncObj__getEntries(index, 1)
+        return int(entries[0][2]) if entries else None
+
+    def set_term(self, term: int, voted_for: str | None) -> None:
+        self._SyncObj__setCurrentTerm(term, voted_for)
+
+    def hold_elections(self) -> None:
+        """Keep this replica from campaigning (it is recovering): push its timer out."""
+        self._SyncObj__raftElectionDeadline = pysyncobj_clock() + 3600.0
+
+
+# pysyncobj builds its journal from conf.journalFile; ours is handed over as that object.
+_pysyncobj_create_journal = pysyncobj_core.createJournal
+
+
+def _create_journal(journal_file: Any) -> Any:
+    if isinstance(journal_file, Journal):
+        return journal_file
+    return _pysyncobj_create_journal(journal_file)
+
+
+pysyncobj_core.createJournal = _create_journal
 
 
 class _NoPoll:
@@ -147,10 +253,22 @@ _NO_POLL = _NoPoll()
 class RaftDriver:
     """The node's single Raft thread: one poller, one transport, every shard group."""
 
-    def __init__(self, cluster: ClusterConfig, node_id: str, tuning: RaftTuning) -> None:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        node_id: str,
+        tuning: RaftTuning,
+        security: LinkSecurity,
+    ) -> None:
         self.poller = createPoller("auto")
         self.transport = MuxTransport(
-            cluster, node_id, self.poller, connection_timeout_s=tuning.connection_timeout_s
+            cluster,
+            node_id,
+            self.poller,
+            security=security,
+            limits=LinkLimits(idle_timeout_s=tuning.connection_timeout_s),
+            shard_terms=self._shard_terms,
+            on_peer_state=self._peer_state,
         )
         self.tuning = tuning
         self._replicas: list[ShardReplica] = []
@@ -160,8 +278,9 @@ class RaftDriver:
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.poller.subscribe(self._wake_r, self._drain_wake, POLL_EVENT_TYPE.READ)
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._calls: queue.Queue[Callable[[], None]] = queue.Queue(MAX_QUEUED_CALLS)
         self._woken = False
+        self._throttle = Throttle(interval_s=10.0)
 
     def add(self, replica: ShardReplica) -> None:
         self._replicas.append(replica)
@@ -185,7 +304,10 @@ class RaftDriver:
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the Raft thread (where pysyncobj state may be touched safely)."""
-        self._calls.put(fn)
+        try:
+            self._calls.put_nowait(fn)
+        except queue.Full:
+            raise Overloaded("too many calls queued for the Raft thread") from None
         self.wake()
 
     def _drain_wake(self, _fd: int, _event: int) -> None:
@@ -196,6 +318,13 @@ class RaftDriver:
             while os.read(self._wake_r, 4096):
                 pass
         self._woken = False
+
+    def _shard_terms(self) -> dict[int, int]:
+        return {r.shard_id: r.current_term for r in self._replicas if r.can_report_term}
+
+    def _peer_state(self, peer_id: str, terms: dict[int, int]) -> None:
+        for r in self._replicas:
+            r.peer_reported(peer_id, terms)
 
     def _run(self) -> None:
         # Every group gets a full tick (timers: heartbeats, elections, compaction) every
@@ -228,7 +357,8 @@ class RaftDriver:
                     logged = True
                     log.info("raft thread ticking %d shard groups", len(self._replicas))
             except Exception:  # keep the node alive; a tick bug must not stop Raft
-                log.exception("raft tick failed")
+                if self._throttle.allow("tick"):
+                    log.exception("raft tick failed")
                 time.sleep(0.05)
         for r in self._replicas:
             r.close()
@@ -243,92 +373,142 @@ class ShardReplica:
         shard_id: int,
         node_id: str,
         peer_ids: list[str],
-        data_dir: Path,
+        storage: ReplicaStorage,
         driver: RaftDriver,
     ) -> None:
         self.shard_id = shard_id
         self.node_id = node_id
         self._driver = driver
+        self._storage = storage
         self.machine = StateMachine()
-        data_dir.mkdir(parents=True, exist_ok=True)
         tuning = driver.tuning
-        self._snapshot_path = data_dir / "snapshot.bin"
+        self._journal = storage.journal
         conf = SyncObjConf(
             autoTick=False,
             appendEntriesUseBatch=True,
             appendEntriesPeriod=tuning.heartbeat_s,
+            appendEntriesBatchSizeBytes=MAX_COMMAND_BYTES + 1,
             raftMinTimeout=tuning.election_min_s,
             raftMaxTimeout=tuning.election_max_s,
             leaderFallbackTimeout=tuning.leader_fallback_s,
             connectionTimeout=tuning.connection_timeout_s,
-            journalFile=str(data_dir / "journal.bin"),
-            # Without fullDumpFile pysyncobj loses all state on restart (measured): always set.
-            fullDumpFile=str(self._snapshot_path),
+            journalFile=storage.journal,
+            fullDumpFile=str(storage.snapshot_path),
             logCompactionMinEntries=tuning.log_compaction_entries,
             logCompactionMinTime=tuning.log_compaction_s,
+            logCompactionBatchSize=APPEND_BATCH_BYTES,
             serializer=self._write_snapshot,
-            deserializer=self._read_snapshot,
+            deserializer=self._never_called,
             useFork=False,
-            commandsQueueSize=100_000,
+            commandsQueueSize=COMMAND_QUEUE_SIZE,
             onStateChanged=self._on_state_changed,
         )
         peers = {p: Node(p) for p in peer_ids}
         self._transport = ShardTransport(driver.transport, shard_id, peers, self._mark_dirty)
+        self._transport.on_error = self._delivery_failed
         driver.transport.attach(self._transport)
         self._group = _Group(
+            shard_id,
             self.machine,
+            storage,
             Node(node_id),
             list(peers.values()),
             conf,
             transport=self._transport,
         )
+        g = self._group
+        # Our receiver checks a snapshot from the leader before it replaces ours.
+        g._SyncObj__serializer = SnapshotReceiver(
+            storage.snapshot_path,
+            f"shard {shard_id}",
+            transmissionBatchSize=APPEND_BATCH_BYTES,
+            tryUseFork=False,
+            serializer=self._write_snapshot,
+            deserializer=self._never_called,
+            serializeChecker=None,
+        )
+        # Load the snapshot now, on this thread, so a bad one stops the node at start-up
+        # (pysyncobj would do it in its first tick and only log a failure).
+        if storage.snapshot is not None:
+            g._SyncObj__loadDumpFile(clearJournal=False)
+        g._SyncObj__needLoadDumpFile = False
         self._fsync = tuning.fsync
-        self._synced_index = 0
         if self._fsync:
-            self._make_durable(data_dir)
+            # A follower acknowledges appended entries only once they are on disk.
+            self._transport.before_send = self._sync_before_ack
         # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
         # every group's tick would only repeat that syscall eight times over.
-        self._group._poller = _NO_POLL
+        g._poller = _NO_POLL
         self._last_leader = ""
         self._last_log_index = 0
         self._sent_index = 0
         self._sent_at = 0.0
-        self._info = ReplicaInfo(shard_id, "follower", "", 0, 0, 0, 0)
+        self._info = ReplicaInfo(shard_id, "follower", "", int(g.raftCurrentTerm), 0, 0, 0)
         # Set when the group has work for the Raft thread (see RaftDriver._run).
         self.dirty = True
-        # Barrier batching state (asyncio side only).
+        # Disk trouble (see the module docstring), written on the Raft thread.
+        self._failed = ""
+        self._write_error: tuple[float, JournalWriteError] | None = None
+        # --recover-from-peers: peers' terms until the fence is set, then the fence.
+        self._recovering = storage.meta.recovering
+        self._fence: int | None = None
+        self._reported: dict[str, int] = {}
+        self._peer_ids = list(peer_ids)
+        if self._recovering:
+            self._transport.accept = self._accept_while_recovering
+            self._transport.delivered = self._check_recovered
+        # asyncio side: the loop (set by the first proposal) and every proposal in flight.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: set[asyncio.Future[tuple[pb.CommandResult, int]]] = set()
         self._barrier_waiters: list[asyncio.Future[int]] = []
         self._barrier_task: asyncio.Task[None] | None = None
+        self._throttle = Throttle(interval_s=10.0)
         driver.add(self)
 
     # -- Raft thread ---------------------------------------------------------------------
 
     def tick(self) -> bool:
         """One tick on the Raft thread. True if new entries were queued (tick again soon)."""
+        if self._failed:
+            return False
         g = self._group
-        g.doTick(0.0)
-        index = g.log_index()
-        busy = index != self._last_log_index
-        self._last_log_index = index
-        if self._fsync and busy:
-            # The leader counts its own log toward every commit: sync this tick's appends
-            # (all proposals that arrived since the last tick, one fsync) before any
-            # AppendEntries or commit can use them.
-            self._sync_if_needed()
-        if g._isLeader() and index > self._sent_index:
-            # Group commit with one append in flight: send new entries now if everything
-            # sent before has committed; otherwise they wait for the acks (which mark this
-            # group dirty) and then go out together. Idle: one round trip per write. Loaded:
-            # as many entries per AppendEntries as arrived during the last round trip.
-            waited = time.monotonic() - self._sent_at
-            if g.raftCommitIndex >= self._sent_index or waited >= MAX_APPEND_WAIT_S:
-                # Send now, in this tick, rather than on the next one: saves a loop turn
-                # (two group ticks) on every write's path.
-                g.send_append_entries()
-                self._sent_index = index
-                self._sent_at = time.monotonic()
-            else:
-                busy = False
+        if self._recovering:
+            g.hold_elections()
+        try:
+            g.doTick(0.0)
+            index = g.log_index()
+            busy = index != self._last_log_index
+            self._last_log_index = index
+            if self._fsync and busy:
+                # The leader counts its own log toward every commit: sync this tick's appends
+                # (all proposals that arrived since the last tick, one fsync) before any
+                # AppendEntries or commit can use them.
+                self._journal.sync()
+            if g._isLeader() and index > self._sent_index:
+                # Group commit with one append in flight: send new entries now if everything
+                # sent before has committed; otherwise they wait for the acks (which mark this
+                # group dirty) and then go out together. Idle: one round trip per write.
+                # Loaded: as many entries per AppendEntries as arrived during a round trip.
+                waited = time.monotonic() - self._sent_at
+                if g.raftCommitIndex >= self._sent_index or waited >= MAX_APPEND_WAIT_S:
+                    # Send now, in this tick, rather than on the next one: saves a loop turn
+                    # (two group ticks) on every write's path.
+                    g.send_append_entries()
+                    self._sent_index = index
+                    self._sent_at = time.monotonic()
+                else:
+                    busy = False
+        except StorageError as e:
+            self.storage_failed(e)
+            return False
+        failure = self._write_error
+        if failure is not None and time.monotonic() - failure[0] > WRITE_ERROR_HOLD_S:
+            self._write_error = None  # the next append tries again (and fails again, if so)
+        self._refresh_info()
+        return busy
+
+    def _refresh_info(self) -> None:
+        g = self._group
         leader = g._getLeader()
         leader_id = leader.id if leader is not None else ""
         self._info = ReplicaInfo(
@@ -339,6 +519,7 @@ class ShardReplica:
             commit_index=int(g.raftCommitIndex),
             last_applied=g.last_applied(),
             keys=len(self.machine),
+            problem=self._problem(),
         )
         if leader_id != self._last_leader:
             self._last_leader = leader_id
@@ -348,41 +529,162 @@ class ShardReplica:
                 leader_id or "unknown",
                 self._info.term,
             )
-        return busy
 
-    def _make_durable(self, data_dir: Path) -> None:
-        """--fsync: journal appends, term/vote and snapshot renames reach the disk first."""
-        group = self._group
-        storer = group._SyncObj__raftLog._FileJournal__metaStorer
+    def _problem(self) -> str:
+        if self._failed:
+            return self._failed
+        if self._write_error is not None:
+            return str(self._write_error[1])
+        if self._recovering:
+            if self._fence is None:
+                return (
+                    f"recovering: waiting for the terms of {self._needed_reports()} of "
+                    f"{len(self._peer_ids)} peers"
+                )
+            return f"recovering: catching up (term fence {self._fence})"
+        return ""
 
-        def store_meta(meta: dict[str, Any]) -> None:
-            path = storer.getPath()
-            with open(path + ".tmp", "wb") as f:
-                f.write(pickle.dumps(meta))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
-            _fsync_dir(data_dir)
+    def storage_failed(self, error: StorageError) -> None:
+        """The disk failed this replica (on the Raft thread)."""
+        if isinstance(error, JournalWriteError) and not isinstance(error, MetaWriteError):
+            first = self._write_error is None
+            self._write_error = (time.monotonic(), error)
+            if first:
+                log.error(
+                    "shard %d: %s; refusing writes until appends succeed again",
+                    self.shard_id,
+                    error,
+                )
+            if self._group._isLeader():
+                # Let a replica with a working disk lead; best effort.
+                self._group.transferLeadership(None, None)
+            self._settle_inflight(
+                ProposalTimeout(
+                    f"shard {self.shard_id}: the journal write failed; the outcome is unknown "
+                    "(retry with the same request id)"
+                )
+            )
+            return
+        if self._failed:
+            return
+        self._failed = f"replica stopped: {error}; fix the disk and restart the node"
+        log.critical("shard %d: %s", self.shard_id, self._failed)
+        self._transport.destroy()  # peers now see this replica as gone; they elect without it
+        self._refresh_info_failed()
+        self._settle_inflight(Unavailable(f"shard {self.shard_id}: {self._failed}"))
 
-        storer.storeMeta = store_meta
-        group.before_truncate = lambda: _fsync_dir(data_dir)
-        # A follower acknowledges appended entries only once they are on disk.
-        self._transport.before_send = self._sync_before_ack
+    def _refresh_info_failed(self) -> None:
+        i = self._info
+        self._info = ReplicaInfo(
+            i.shard_id,
+            "failed",
+            "",
+            i.term,
+            i.commit_index,
+            i.last_applied,
+            i.keys,
+            self._failed,
+        )
+
+    def _delivery_failed(self, error: Exception) -> None:
+        if isinstance(error, StorageError):
+            self.storage_failed(error)
+        elif self._throttle.allow(f"deliver:{type(error).__name__}"):
+            log.error("shard %d: handling a Raft message failed: %r", self.shard_id, error)
+
+    def _settle_inflight(self, error: RaftKVError) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+
+        def fail_all() -> None:
+            for f in list(self._inflight):
+                if not f.done():
+                    f.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(fail_all)
+
+    # -- recovery (--recover-from-peers) -----------------------------------------------------
+
+    @property
+    def current_term(self) -> int:
+        return int(self._group.raftCurrentTerm)
+
+    @property
+    def can_report_term(self) -> bool:
+        """Only a replica with intact state may serve as another replica's term fence."""
+        return not self._recovering and not self._failed
+
+    def _needed_reports(self) -> int:
+        replicas = len(self._peer_ids) + 1
+        return replicas - replicas // 2
+
+    def peer_reported(self, peer_id: str, terms: dict[int, int]) -> None:
+        if not self._recovering or self._fence is not None or peer_id not in self._peer_ids:
+            return
+        if self.shard_id not in terms:
+            return  # that peer's replica is recovering or failed too: it cannot vouch
+        self._reported[peer_id] = terms[self.shard_id]
+        if len(self._reported) < self._needed_reports():
+            return
+        # Every term this replica may have voted or acknowledged in before it lost its state
+        # is known to at least one of these peers: take the highest as our current term.
+        self._fence = max(self._reported.values())
+        self._group.set_term(self._fence, None)
+        log.warning(
+            "shard %d: recovering from peers: term fence %d from %s; catching up, not voting",
+            self.shard_id,
+            self._fence,
+            ", ".join(f"{p}={t}" for p, t in sorted(self._reported.items())),
+        )
+
+    def _accept_while_recovering(self, _peer: str, message: dict[str, Any]) -> bool:
+        if not self._recovering:
+            return True
+        if self._fence is None:
+            return False  # nothing counts before we know the term fence
+        return message.get("type") not in ("request_vote", "timeout_now")
+
+    def _check_recovered(self, peer: str, message: dict[str, Any]) -> None:
+        if not self._recovering or self._fence is None or message.get("type") != "append_entries":
+            return
+        g = self._group
+        term, commit = int(message["term"]), int(message["commit_index"])
+        if term < self._fence or g.raftCurrentTerm != term or commit < 1:
+            return
+        if g.log_index() < commit or g.entry_term(commit) != term:
+            return  # the leader has not committed in its own term yet, or we lag
+        self._recovering = False
+        meta = self._storage.meta
+        meta.recovering = False
+        # We may have voted in this term before we lost our state: never vote in it again.
+        g.set_term(term, peer)
+        self._transport.accept = None
+        self._transport.delivered = None
+        log.warning(
+            "shard %d: rebuilt from peers: holds leader %s's log up to its commit index %d "
+            "(term %d); voting again",
+            self.shard_id,
+            peer,
+            commit,
+            term,
+        )
+
+    # -- durability ------------------------------------------------------------------------
 
     def _sync_before_ack(self, message: Any) -> None:
-        if isinstance(message, dict) and message.get("type") == "next_node_idx":
-            self._sync_if_needed()
-
-    def _sync_if_needed(self) -> None:
-        index = self._group.log_index()
-        if index != self._synced_index:
-            self._group.sync_journal()
-            self._synced_index = index
+        if message.get("type") == "next_node_idx":
+            self._journal.sync()
 
     def _mark_dirty(self) -> None:
         self.dirty = True
 
     def _role(self) -> str:
+        if self._failed:
+            return "failed"
+        if self._recovering:
+            return "recovering"
         return _ROLES.get(self._group._SyncObj__raftState, "follower")
 
     def _on_state_changed(self, old: int, new: int) -> None:
@@ -398,26 +700,19 @@ class ShardReplica:
         snap.before_last_applied.CopyFrom(
             pb.LogEntry(command=before[0], index=before[1], term=before[2])
         )
-        with open(path, "wb") as f:
-            f.write(snap.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_snapshot(path, snap)
+        except OSError as e:
+            if self._throttle.allow("snapshot"):
+                log.error("shard %d: cannot write a snapshot to %s: %s", self.shard_id, path, e)
+            raise
         log.info(
             "shard %d: snapshot at index %d (%d keys)", self.shard_id, last[1], len(snap.entries)
         )
 
-    def _read_snapshot(self, path: str) -> tuple[Any, ...]:
-        snap = pb.Snapshot()
-        with open(path, "rb") as f:
-            snap.ParseFromString(f.read())
-        self.machine.restore(snap)
-        last, before = snap.last_applied, snap.before_last_applied
-        log.info("shard %d: restored snapshot at index %d", self.shard_id, last.index)
-        return (
-            (last.command, last.index, last.term),
-            (before.command, before.index, before.term),
-            frozenset(),
-        )
+    @staticmethod
+    def _never_called(path: str) -> tuple[Any, ...]:
+        raise AssertionError(f"pysyncobj's snapshot loader is replaced ({path})")
 
     # -- asyncio side ----------------------------------------------------------------------
 
@@ -438,11 +733,26 @@ class ShardReplica:
             leader=leader,
         )
 
+    def _check_writable(self) -> None:
+        if self._failed:
+            raise Unavailable(f"shard {self.shard_id} on {self.node_id}: {self._failed}")
+        failure = self._write_error
+        if failure is not None and time.monotonic() - failure[0] < WRITE_ERROR_HOLD_S:
+            error = failure[1]
+            cls = NoSpace if error.no_space else Unavailable
+            raise cls(f"{error}; writes are refused until it succeeds again")
+
     async def propose(self, data: bytes, timeout: float) -> tuple[pb.CommandResult, int]:
         """Replicate one command; return its result and the log index it applied at."""
         if not self.is_leader:
             raise self.not_leader()
+        if len(data) > MAX_COMMAND_BYTES:
+            raise InvalidArgument(
+                f"command of {len(data)} bytes; the limit is {MAX_COMMAND_BYTES} bytes"
+            )
+        self._check_writable()
         loop = asyncio.get_running_loop()
+        self._loop = loop
         future: asyncio.Future[tuple[pb.CommandResult, int]] = loop.create_future()
         started = time.monotonic()
 
@@ -451,10 +761,11 @@ class ShardReplica:
             applied = self._group.last_applied() + 1 if error == FAIL_REASON.SUCCESS else 0
             loop.call_soon_threadsafe(_settle, future, result, error, applied, self)
 
-        self._group._applyCommand(_REGULAR + data, done)
-        self.dirty = True
-        self._driver.wake()
+        self._inflight.add(future)
         try:
+            self._group._applyCommand(_REGULAR + data, done)
+            self.dirty = True
+            self._driver.wake()
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise ProposalTimeout(
@@ -462,8 +773,9 @@ class ShardReplica:
                 "unknown (retry with the same request id)"
             ) from None
         finally:
+            self._inflight.discard(future)
             elapsed = time.monotonic() - started
-            if elapsed > SLOW_PROPOSAL_S:
+            if elapsed > SLOW_PROPOSAL_S and self._throttle.allow("slow"):
                 log.warning("shard %d: slow proposal took %.2fs", self.shard_id, elapsed)
 
     async def read_index(self, timeout: float) -> int:
@@ -510,22 +822,26 @@ class ShardReplica:
                         error,
                     )
 
-            if self._group._isLeader():
+            if self._group._isLeader() and not self._failed:
                 self._group.transferLeadership(Node(target), done)
 
         self._driver.call_soon(transfer)
 
-    async def digest(self) -> tuple[int, str]:
-        """(last applied index, hash of the map), taken on the Raft thread so nothing moves."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[int, str]] = loop.create_future()
+    async def snapshot_items(self) -> tuple[int, dict[bytes, Entry]]:
+        """(last applied index, a copy of the map), taken on the Raft thread so nothing moves.
 
-        def settle(value: tuple[int, str]) -> None:
+        The copy is shallow (entries are immutable) and cheap; whatever the caller does with
+        it (hashing for a digest) happens off the Raft thread.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, dict[bytes, Entry]]] = loop.create_future()
+
+        def settle(value: tuple[int, dict[bytes, Entry]]) -> None:
             if not future.done():
                 future.set_result(value)
 
         def take() -> None:
-            loop.call_soon_threadsafe(settle, (self._group.last_applied(), self.machine.digest()))
+            loop.call_soon_threadsafe(settle, (self._group.last_applied(), self.machine.items()))
 
         self.dirty = True
         self._driver.call_soon(take)
@@ -533,14 +849,6 @@ class ShardReplica:
 
     def read_local(self, key: bytes) -> Entry | None:
         return self.machine.get(key)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _settle(

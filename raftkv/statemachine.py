@@ -7,7 +7,10 @@ set it (like etcd's mod_revision), which compare-and-swap can test.
 
 Retried writes are deduplicated here: a command with a ``(client_id, seq)`` that was applied
 before returns the first result again and changes nothing. The table keeps the most recent
-``dedup_capacity`` request ids, evicted in apply order, so it is deterministic too.
+``dedup_capacity`` request ids, evicted in apply order, so it is deterministic too. It also
+keeps a hash of each command: an id that comes back with a *different* command (another key or
+value) is answered ``REQUEST_ID_REUSED`` and applies nothing, so a client that reuses ids can
+never have a write acknowledged that was not applied.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class StateMachine:
 
     def __init__(self, dedup_capacity: int = DEFAULT_DEDUP_CAPACITY) -> None:
         self._data: dict[bytes, Entry] = {}
-        self._dedup: OrderedDict[tuple[bytes, int], pb.CommandResult] = OrderedDict()
+        self._dedup: OrderedDict[tuple[bytes, int], tuple[pb.CommandResult, bytes]] = OrderedDict()
         self._dedup_capacity = dedup_capacity
         self.applied_index = 0
 
@@ -43,20 +46,29 @@ class StateMachine:
     def get(self, key: bytes) -> Entry | None:
         return self._data.get(key)
 
+    def items(self) -> dict[bytes, Entry]:
+        """A shallow copy of the map (entries are immutable), for digests off the Raft thread."""
+        return dict(self._data)
+
     def apply(self, data: bytes, index: int) -> pb.CommandResult:
         """Apply one encoded command found at log ``index``."""
         self.applied_index = index
         cmd = decode(data)
-        request = (cmd.client_id, cmd.seq) if cmd.client_id else None
-        if request is not None:
-            previous = self._dedup.get(request)
-            if previous is not None:
-                return previous
+        if not cmd.client_id:
+            return self._execute(cmd, index)
+        request = (cmd.client_id, cmd.seq)
+        digest = command_hash(cmd)
+        previous = self._dedup.get(request)
+        if previous is not None:
+            result, first_digest = previous
+            # An empty hash comes from a snapshot written before hashes were kept.
+            if first_digest and first_digest != digest:
+                return pb.CommandResult(code=pb.CommandResult.REQUEST_ID_REUSED)
+            return result
         result = self._execute(cmd, index)
-        if request is not None:
-            self._dedup[request] = result
-            if len(self._dedup) > self._dedup_capacity:
-                self._dedup.popitem(last=False)
+        self._dedup[request] = (result, digest)
+        if len(self._dedup) > self._dedup_capacity:
+            self._dedup.popitem(last=False)
         return result
 
     def _execute(self, cmd: pb.Command, index: int) -> pb.CommandResult:
@@ -89,13 +101,7 @@ class StateMachine:
 
     def digest(self) -> str:
         """A hash of the whole map (keys, values, versions), equal on replicas that agree."""
-        h = hashlib.blake2b(digest_size=16)
-        for key in sorted(self._data):
-            entry = self._data[key]
-            h.update(len(key).to_bytes(4, "big") + key)
-            h.update(len(entry.value).to_bytes(4, "big") + entry.value)
-            h.update(entry.version.to_bytes(8, "big"))
-        return h.hexdigest()
+        return digest_of(self._data)
 
     def snapshot(self) -> pb.Snapshot:
         return pb.Snapshot(
@@ -104,12 +110,33 @@ class StateMachine:
                 for k, e in self._data.items()
             ],
             dedup=[
-                pb.DedupEntry(client_id=c, seq=s, result=r) for (c, s), r in self._dedup.items()
+                pb.DedupEntry(client_id=c, seq=s, result=r, command_hash=h)
+                for (c, s), (r, h) in self._dedup.items()
             ],
             applied_index=self.applied_index,
         )
 
     def restore(self, snap: pb.Snapshot) -> None:
         self._data = {e.key: Entry(e.value, e.version) for e in snap.entries}
-        self._dedup = OrderedDict(((d.client_id, d.seq), d.result) for d in snap.dedup)
+        self._dedup = OrderedDict(
+            ((d.client_id, d.seq), (d.result, d.command_hash)) for d in snap.dedup
+        )
         self.applied_index = snap.applied_index
+
+
+def command_hash(cmd: pb.Command) -> bytes:
+    """What a request id stands for: the operation, without the id itself."""
+    op = cmd.WhichOneof("op") or ""
+    body = getattr(cmd, op).SerializeToString(deterministic=True) if op else b""
+    return hashlib.blake2b(op.encode() + b"\0" + body, digest_size=16).digest()
+
+
+def digest_of(data: dict[bytes, Entry]) -> str:
+    """A hash of a whole map (keys, values, versions), equal on replicas that agree."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(data):
+        entry = data[key]
+        h.update(len(key).to_bytes(4, "big") + key)
+        h.update(len(entry.value).to_bytes(4, "big") + entry.value)
+        h.update(entry.version.to_bytes(8, "big"))
+    return h.hexdigest()

@@ -96,4 +96,4 @@ def test_fsync_mode_serves_and_keeps_writes_across_kill_9_of_every_node(tmp_path
         assert asyncio.run(_get_all(c.endpoints, list(items))) == items
         # the journal of every replica was fsynced: term/vote metadata is there too
         for node in c.nodes.values():
-            assert list(node.data_dir.glob("shard-*/journal.bin.meta"))
+            assert list(node.data_dir.glob("shard-*/meta.json"))

@@ -125,7 +125,9 @@ def test_leadership_spreads_over_the_nodes(tmp_path: Path) -> None:
         assert min(counts.values()) >= 2
 
 
-def test_a_shared_secret_encrypts_raft_traffic_and_the_cluster_works(tmp_path: Path) -> None:
+def test_a_shared_secret_authenticates_raft_peers_and_a_wrong_one_is_named(
+    tmp_path: Path,
+) -> None:
     with LocalCluster.create(
         tmp_path, nodes=3, shards=2, replicas=3, env={"RAFTKV_RAFT_SECRET": "correct horse"}
     ) as c:
@@ -138,16 +140,37 @@ def test_a_shared_secret_encrypts_raft_traffic_and_the_cluster_works(tmp_path: P
                 assert (await cl.get(b"s7")).value == b"v"
 
         asyncio.run(rw())
-        # a node with another secret cannot join: it never sees a leader
+        # A node with another secret cannot join. It says why in its own log, its peers name
+        # it and the reason in theirs, and status shows its Raft link down.
         c.kill("n3")
         c.env = {"RAFTKV_RAFT_SECRET": "wrong"}
         c.start_node("n3")
-        logs = [c.nodes[n].log_dir / n / "raftkv.log" for n in ("n1", "n2", "n3")]
+        log_of = {n: c.nodes[n].log_dir / n / "raftkv.log" for n in ("n1", "n2", "n3")}
         wait_for(
-            lambda: any("undecodable frame" in p.read_text() for p in logs),
+            lambda: "proof does not match our cluster secret" in log_of["n3"].read_text(),
             20,
-            "a node to reject the frames encrypted with the wrong secret",
+            "n3 to log that its peers' proofs do not match its secret",
         )
+        wait_for(
+            lambda: any(
+                "n3 (" in line and "n3's proof does not match our cluster secret" in line
+                for n in ("n1", "n2")
+                for line in log_of[n].read_text().splitlines()
+            ),
+            20,
+            "n1 or n2 to log that n3 failed authentication",
+        )
+        status = wait_for(
+            lambda: (
+                st
+                if (st := c.status("n1")).nodes[2].raft_link.startswith("down")
+                and "secret" in st.nodes[2].raft_link
+                else None
+            ),
+            20,
+            "status to show n3's Raft link down with the reason",
+        )
+        assert status.nodes[2].id == "n3"
         with c.channel("n3") as ch:
             status = kv_grpc.ClusterStub(ch).Status(kv.StatusRequest(local_only=True), timeout=5)
         assert all(

@@ -2,7 +2,7 @@
 
 import random
 
-from raftkv.transport import _SendBuffer
+from raftkv.raft.link import SendBuffer as _SendBuffer
 
 
 def test_partial_sends_return_every_byte_in_order() -> None:

@@ -67,8 +67,10 @@ class CommandResult(_message.Message):
         __slots__ = ()
         OK: _ClassVar[CommandResult.Code]
         PRECONDITION_FAILED: _ClassVar[CommandResult.Code]
+        REQUEST_ID_REUSED: _ClassVar[CommandResult.Code]
     OK: CommandResult.Code
     PRECONDITION_FAILED: CommandResult.Code
+    REQUEST_ID_REUSED: CommandResult.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXISTED_FIELD_NUMBER: _ClassVar[int]
@@ -90,14 +92,16 @@ class SnapshotEntry(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DedupEntry(_message.Message):
-    __slots__ = ("client_id", "seq", "result")
+    __slots__ = ("client_id", "seq", "result", "command_hash")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_HASH_FIELD_NUMBER: _ClassVar[int]
     client_id: bytes
     seq: int
     result: CommandResult
-    def __init__(self, client_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ...) -> None: ...
+    command_hash: bytes
+    def __init__(self, client_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., command_hash: _Optional[bytes] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("command", "index", "term")

@@ -205,19 +205,21 @@ class StatusRequest(_message.Message):
     def __init__(self, local_only: _Optional[bool] = ..., digest: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("id", "grpc", "raft", "reachable")
+    __slots__ = ("id", "grpc", "raft", "reachable", "raft_link")
     ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_FIELD_NUMBER: _ClassVar[int]
     RAFT_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    RAFT_LINK_FIELD_NUMBER: _ClassVar[int]
     id: str
     grpc: str
     raft: str
     reachable: bool
-    def __init__(self, id: _Optional[str] = ..., grpc: _Optional[str] = ..., raft: _Optional[str] = ..., reachable: _Optional[bool] = ...) -> None: ...
+    raft_link: str
+    def __init__(self, id: _Optional[str] = ..., grpc: _Optional[str] = ..., raft: _Optional[str] = ..., reachable: _Optional[bool] = ..., raft_link: _Optional[str] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("node", "role", "term", "commit_index", "last_applied", "leader", "keys", "digest")
+    __slots__ = ("node", "role", "term", "commit_index", "last_applied", "leader", "keys", "digest", "problem")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,7 @@ class ReplicaStatus(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     node: str
     role: str
     term: int
@@ -234,7 +237,8 @@ class ReplicaStatus(_message.Message):
     leader: str
     keys: int
     digest: str
-    def __init__(self, node: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader: _Optional[str] = ..., keys: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+    problem: str
+    def __init__(self, node: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader: _Optional[str] = ..., keys: _Optional[int] = ..., digest: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("shard_id", "replicas", "leader", "term", "commit_index", "replica_status")

@@ -1,0 +1,423 @@
+"""A shard replica's Raft log and term/vote on disk: checksummed, append-only, never mmapped.
+
+pysyncobj's ``FileJournal`` memory-maps its file (a full disk then kills the process with
+SIGBUS), has no checksums (a flipped bit is served as truth), rewrites itself in place on
+compaction (a crash in the middle cuts the log) and pickles its term/vote file. This journal
+implements the same pysyncobj ``Journal`` interface with:
+
+* **Records that prove they are intact.** File layout::
+
+      header   MAGIC (8) | format version (u32) | reserved (u32)
+      record   payload length (u32) | CRC-32 of payload (u32) | payload
+      payload  index (u64) | term (u64) | command bytes
+
+  Opening the file checks every record: its CRC, that indexes are consecutive and terms never
+  decrease. A bad record raises :class:`~raftkv.errors.StorageError` naming the file, the record
+  number, its offset and index, and the node refuses to start. Only a record cut short at the
+  very end of the file (a write torn by a crash, never acknowledged under fsync) is dropped, with
+  a warning that says what was dropped.
+* **Plain ``write()`` appends**: a full disk is an ``OSError`` (ENOSPC) that fails the append
+  cleanly (the partial record is cut off again) and surfaces as
+  :class:`JournalWriteError`; the caller refuses writes until space is back.
+* **Compaction writes a new file and renames it** over the old one (fsyncing the new file and
+  the directory), so a crash at any point leaves one complete journal.
+* **Group commit**: :meth:`Journal.sync` is one ``fsync`` for everything appended since the
+  last one; the shard calls it before acknowledging (see ``shard.py``).
+
+The term/vote/commit-index state lives in ``meta.json`` (:class:`MetaStore`): JSON with a
+CRC, replaced atomically and fsynced on every term or vote change. A failure to save it raises
+:class:`MetaWriteError`, which is fatal to the replica: Raft must not act on a vote it could not
+make durable.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.journal import Journal as PysyncobjJournal
+
+from raftkv.errors import StorageError
+
+log = logging.getLogger("raftkv.journal")
+
+MAGIC = b"RKVJRNL1"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sII")
+_RECORD = struct.Struct(">II")
+_ENTRY = struct.Struct(">QQ")
+HEADER_BYTES = _HEADER.size
+RECORD_OVERHEAD = _RECORD.size + _ENTRY.size
+# A record claiming more than this is corrupt, whatever its checksum says (a command is
+# capped far below it).
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+_OLD_PYSYNCOBJ_MAGIC = b"PYSYNCOBJ"
+
+Entry = tuple[bytes, int, int]  # (command, index, term): pysyncobj's log entry shape
+
+
+class JournalWriteError(StorageError):
+    """An append or truncation of the journal failed (full disk, I/O error, read-only fs)."""
+
+    def __init__(self, message: str, *, no_space: bool) -> None:
+        super().__init__(message)
+        self.no_space = no_space
+
+
+class MetaWriteError(StorageError):
+    """The term/vote could not be made durable: the replica must stop."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _record(command: bytes, index: int, term: int) -> bytes:
+    payload = _ENTRY.pack(index, term) + command
+    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _describe_os_error(e: OSError) -> str:
+    return f"{e.strerror or e} (errno {errno.errorcode.get(e.errno or 0, e.errno)})"
+
+
+class Journal(PysyncobjJournal):  # type: ignore[misc]
+    """The log of one replica. All methods run on the Raft thread."""
+
+    def __init__(self, path: Path, meta: MetaStore, *, what: str) -> None:
+        self.path = path
+        self.meta = meta
+        self._what = what  # "shard 3", for messages
+        self._entries: list[Entry] = []
+        self._offsets = array.array("Q")  # file offset of each entry's record
+        self.repaired = ""  # what opening dropped, if anything (for the log)
+        self._fd = -1
+        self._size = HEADER_BYTES
+        self._unsynced = False
+        self._open()
+
+    # -- opening and checking ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._create(self.path)
+            self._fd = os.open(self.path, os.O_RDWR)
+            return
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise StorageError(f"{self._what}: cannot read {self.path}: {e}") from e
+        self._parse(data)
+        self._fd = os.open(self.path, os.O_RDWR)
+        if self._size != len(data):
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+
+    def _create(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _parse(self, data: bytes) -> None:
+        where = f"{self._what}: journal {self.path}"
+        if data.startswith(_OLD_PYSYNCOBJ_MAGIC):
+            raise StorageError(
+                f"{where} was written by raftkv 0.1 (pysyncobj's unchecksummed format); "
+                "this version cannot read it: move the data dir aside and let the node "
+                "rebuild from its peers (raftkv serve --recover-from-peers)"
+            )
+        if len(data) < HEADER_BYTES:
+            raise StorageError(f"{where}: the file header is cut short ({len(data)} bytes)")
+        magic, version, _ = _HEADER.unpack_from(data, 0)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise StorageError(f"{where}: not a raftkv journal (bad header)")
+        off = HEADER_BYTES
+        previous: Entry | None = None
+        n = 0
+        while off < len(data):
+            n += 1
+            remaining = len(data) - off
+            if remaining < _RECORD.size:
+                self._torn(where, n, off, len(data))
+                break
+            size, crc = _RECORD.unpack_from(data, off)
+            if size < _ENTRY.size or size > MAX_RECORD_BYTES:
+                raise StorageError(
+                    f"{where}: record {n} at offset {off} has an impossible length {size}; "
+                    "the file is corrupt (run raftkv serve --recover-from-peers)"
+                )
+            if remaining < _RECORD.size + size:
+                self._torn(where, n, off, len(data))
+                break
+            start = off + _RECORD.size
+            payload = data[start : start + size]
+            if zlib.crc32(payload) != crc:
+                at_end = start + size == len(data)
+                raise StorageError(
+                    f"{where}: record {n} at offset {off} fails its checksum"
+                    + (" (it is the last record: a write torn by a crash?)" if at_end else "")
+                    + "; refusing to serve possibly corrupt data. Rebuild this replica from "
+                    "its peers: raftkv serve --recover-from-peers"
+                )
+            index, term = _ENTRY.unpack_from(payload, 0)
+            if previous is not None and (index != previous[1] + 1 or term < previous[2]):
+                raise StorageError(
+                    f"{where}: record {n} at offset {off} holds index {index} term {term} "
+                    f"after index {previous[1]} term {previous[2]}; the log is inconsistent "
+                    "(run raftkv serve --recover-from-peers)"
+                )
+            entry = (payload[_ENTRY.size :], index, term)
+            self._entries.append(entry)
+            self._offsets.append(off)
+            previous = entry
+            off = start + size
+        self._size = off
+
+    def _torn(self, where: str, n: int, off: int, file_size: int) -> None:
+        self.repaired = (
+            f"{where}: record {n} at offset {off} is cut short by the end of the file "
+            f"({file_size - off} bytes: a write torn by a crash); dropped it and "
+            "continue from the record before, which the leader will re-send"
+        )
+        log.warning("%s", self.repaired)
+
+    @property
+    def first_index(self) -> int:
+        return self._entries[0][1] if self._entries else 0
+
+    @property
+    def last_index(self) -> int:
+        return self._entries[-1][1] if self._entries else 0
+
+    # -- pysyncobj's Journal interface ----------------------------------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        record = _record(command, idx, term)
+        self._append(record)
+        self._entries.append((command, idx, term))
+        self._offsets.append(self._size)
+        self._size += len(record)
+        self._unsynced = True
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                written += os.pwrite(self._fd, view[written:], self._size + written)
+        except OSError as e:
+            # Cut the partial record off again, so the file still ends on a record boundary.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise JournalWriteError(
+                f"{self._what}: cannot append to {self.path}: {_describe_os_error(e)}",
+                no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
+            ) from e
+
+    def clear(self) -> None:
+        self.replace([])
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Drop the entries from position ``entryFrom`` on (a follower's conflicting tail)."""
+        if entryFrom >= len(self._entries):
+            return
+        new_size = self._offsets[entryFrom]
+        try:
+            os.ftruncate(self._fd, new_size)
+        except OSError as e:
+            raise JournalWriteError(
+                f"{self._what}: cannot truncate {self.path}: {_describe_os_error(e)}",
+                no_space=False,
+            ) from e
+        del self._entries[entryFrom:]
+        del self._offsets[entryFrom:]
+        self._size = new_size
+        self._unsynced = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Compaction: keep the entries from position ``entryTo`` on, in a new file."""
+        self.replace(self._entries[entryTo:])
+
+    def replace(self, entries: list[Entry]) -> None:
+        """Atomically make ``entries`` the whole journal: new file, fsync, rename, fsync dir."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        offsets = array.array("Q")
+        size = HEADER_BYTES
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+                for command, idx, term in entries:
+                    record = _record(command, idx, term)
+                    offsets.append(size)
+                    f.write(record)
+                    size += len(record)
+                f.flush()
+                os.fsync(f.fileno())
+            # The snapshot this compaction relies on was renamed into place before: make that
+            # rename durable before the old journal can disappear.
+            fsync_dir(self.path.parent)
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise JournalWriteError(
+                f"{self._what}: cannot rewrite {self.path}: {_describe_os_error(e)}",
+                no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
+            ) from e
+        os.close(self._fd)
+        self._fd = fd
+        self._entries = list(entries)
+        self._offsets = offsets
+        self._size = size
+        self._unsynced = False
+
+    def sync(self) -> None:
+        """Group commit: one fsync makes every append since the last one durable."""
+        if not self._unsynced:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise JournalWriteError(
+                f"{self._what}: fsync of {self.path} failed: {_describe_os_error(e)}",
+                no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
+            ) from e
+        self._unsynced = False
+
+    def flush(self) -> None:
+        self.sync()
+
+    def _destroy(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    # Term, vote and commit index: pysyncobj keeps them with the journal.
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        self.meta.commit_index = raftCommitIndex
+
+    def getRaftCommitIndex(self) -> int:
+        return self.meta.commit_index
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
+        # Raft: currentTerm and votedFor must be durable before any message reflecting them
+        # leaves; MetaWriteError stops the replica before it can send one.
+        self.meta.term, self.meta.voted_for = term, votedForNodeId
+        self.meta.save()
+
+    def getCurrentTerm(self) -> int:
+        return self.meta.term
+
+    def getVotedForNodeId(self) -> str | None:
+        return self.meta.voted_for
+
+    def onOneSecondTimer(self) -> None:
+        self.meta.save_commit_index()
+
+
+class MetaStore:
+    """``meta.json``: term, vote, commit index and replica-recovery state, with a CRC."""
+
+    def __init__(self, path: Path, *, what: str) -> None:
+        self.path = path
+        self._what = what
+        self.term = 0
+        self.voted_for: str | None = None
+        self.commit_index = 1
+        # Set while a replica rebuilt by --recover-from-peers has not caught up yet.
+        self.recovering = False
+        self._saved_commit_index = 1
+        self._commit_save_failed = False
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        where = f"{self._what}: {self.path}"
+        try:
+            doc = json.loads(self.path.read_text())
+            state = doc["state"]
+            if zlib.crc32(_canonical(state)) != doc["crc32"]:
+                raise StorageError(
+                    f"{where} fails its checksum: the term and vote of this replica are "
+                    "unknown, so it must not vote (run raftkv serve --recover-from-peers)"
+                )
+            self.term = int(state["term"])
+            voted = state["voted_for"]
+            self.voted_for = None if voted is None else str(voted)
+            self.commit_index = self._saved_commit_index = int(state["commit_index"])
+            self.recovering = bool(state.get("recovering", False))
+        except StorageError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StorageError(
+                f"{where} is unreadable ({e}): the term and vote of this replica are unknown "
+                "(run raftkv serve --recover-from-peers)"
+            ) from None
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "term": self.term,
+            "voted_for": self.voted_for,
+            "commit_index": self.commit_index,
+            "recovering": self.recovering,
+        }
+
+    def save(self) -> None:
+        state = self._state()
+        doc = {"crc32": zlib.crc32(_canonical(state)), "state": state}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise MetaWriteError(
+                f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
+            ) from e
+        self._saved_commit_index = self.commit_index
+
+    def save_commit_index(self) -> None:
+        """Lazily persist the commit index (a restart then re-applies without waiting)."""
+        if self.commit_index == self._saved_commit_index:
+            return
+        try:
+            self.save()
+        except MetaWriteError as e:
+            # Not a safety problem (the leader re-sends the commit index); say it once.
+            if not self._commit_save_failed:
+                log.warning("%s (the commit index is re-learnt from the leader)", e)
+                self._commit_save_failed = True
+            return
+        self._commit_save_failed = False
+
+
+def _canonical(state: dict[str, Any]) -> bytes:
+    return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()

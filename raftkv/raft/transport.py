@@ -1,0 +1,479 @@
+"""One Raft port per node, multiplexing every shard group over one connection per peer.
+
+pysyncobj's own ``TCPTransport`` gives every group its own port, poller and thread, and
+pickles its messages. Here a :class:`MuxTransport` owns the node's single listening socket
+and one authenticated :class:`~raftkv.raft.link.Link` per peer node; every frame is a
+protobuf ``RaftFrame`` tagged with the shard id (:mod:`raftkv.raft.wire`). Each shard's
+``SyncObj`` gets a thin :class:`ShardTransport` (a pysyncobj ``Transport``) that tags outgoing
+and routes incoming messages.
+
+Everything here runs on the node's single Raft thread (see ``shard.RaftDriver``): sockets are
+driven by the shared poller, so no locks or cross-thread queues are needed.
+
+Per pair of nodes the one with the larger id dials; the links authenticate as described in
+:mod:`raftkv.raft.handshake`. A link that passed authentication replaces an older one from the
+same peer (the peer restarted). Strangers are bounded: at most :data:`MAX_PENDING_LINKS`
+unauthenticated connections at a time (more are closed on accept, so the node can never run
+out of file descriptors through this port), each with a handshake deadline and a byte cap.
+Log lines that a stranger can trigger are throttled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pysyncobj.node import Node
+from pysyncobj.poller import POLL_EVENT_TYPE, Poller
+from pysyncobj.transport import Transport
+
+from raftkv.config import ClusterConfig, split_hostport
+from raftkv.raft import handshake as hs
+from raftkv.raft import wire
+from raftkv.raft.link import Link, LinkLimits, LinkSecurity, tune_socket
+from raftkv.throttle import Throttle
+
+log = logging.getLogger("raftkv.transport")
+
+RECONNECT_INTERVAL_S = 0.5
+PING_INTERVAL_S = 0.5
+# A peer that refused us (other cluster file, other secret) is retried this much less often.
+REFUSED_BACKOFF_S = 5.0
+MAX_PENDING_LINKS = 64
+LISTEN_BACKLOG = 64
+
+
+class RaftBindError(RuntimeError):
+    """The Raft port could not be bound (in use, or the address is not local)."""
+
+
+@dataclass
+class _Peer:
+    """One peer node: its address, its authenticated link, and why it is down if it is."""
+
+    node_id: str
+    host: str
+    port: int
+    link: Link | None = None  # authenticated and up
+    dialing: Link | None = None
+    last_attempt: float = 0.0
+    last_ping: float = 0.0
+    problem: str = ""  # why the link is down, for status and logs
+    logged_problem: str = ""
+    unresolvable: bool = False
+    terms: dict[int, int] = field(default_factory=dict)
+
+
+class ShardTransport(Transport):  # type: ignore[misc]
+    """The view of the mux that one shard's ``SyncObj`` sees."""
+
+    def __init__(
+        self,
+        mux: MuxTransport,
+        shard_id: int,
+        peers: dict[str, Node],
+        on_activity: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(None, None, list(peers.values()))
+        self._mux = mux
+        self.shard_id = shard_id
+        self.peers = peers
+        # Tells the Raft thread this group has news and needs a tick soon.
+        self._on_activity = on_activity
+        # Runs before any message leaves (the fsync mode makes appends durable there).
+        self.before_send: Callable[[Any], None] | None = None
+        # Replica recovery: ``accept`` may drop a message before pysyncobj sees it;
+        # ``delivered`` looks at it after pysyncobj has handled it.
+        self.accept: Callable[[str, dict[str, Any]], bool] | None = None
+        self.delivered: Callable[[str, dict[str, Any]], None] | None = None
+        # Whatever handling a message raised (a failed journal write, most likely): it must
+        # not escape into the poller and cut the other links' events short.
+        self.on_error: Callable[[Exception], None] = lambda e: log.error(
+            "shard %d: handling a Raft message failed: %r", shard_id, e
+        )
+
+    def send(self, node: Node, message: Any) -> bool:
+        if self.before_send is not None:
+            self.before_send(message)
+        return self._mux.send(node.id, self.shard_id, message)
+
+    def deliver(self, peer_id: str, message: dict[str, Any]) -> None:
+        node = self.peers.get(peer_id)
+        if node is None:
+            return
+        try:
+            if self.accept is not None and not self.accept(peer_id, message):
+                return
+            self._onMessageReceived(node, message)
+            if self.delivered is not None:
+                self.delivered(peer_id, message)
+        except Exception as e:
+            self.on_error(e)
+        self._on_activity()
+
+    def peer_connected(self, peer_id: str) -> None:
+        node = self.peers.get(peer_id)
+        if node is not None:
+            self._onNodeConnected(node)
+
+    def peer_disconnected(self, peer_id: str) -> None:
+        node = self.peers.get(peer_id)
+        if node is not None:
+            self._onNodeDisconnected(node)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def tryGetReady(self) -> None:
+        return None
+
+    def waitReady(self) -> None:
+        return None
+
+    def destroy(self) -> None:
+        self._mux.detach(self.shard_id)
+
+
+class MuxTransport:
+    """The node's Raft port: one listener, one link per peer, frames tagged by shard."""
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        node_id: str,
+        poller: Poller,
+        *,
+        security: LinkSecurity,
+        limits: LinkLimits | None = None,
+        shard_terms: Callable[[], dict[int, int]] = dict,
+        on_peer_state: Callable[[str, dict[int, int]], None] = lambda _p, _t: None,
+    ) -> None:
+        self._cluster = cluster
+        self._node_id = node_id
+        self._poller = poller
+        self._security = security
+        self._limits = limits or LinkLimits()
+        self._shard_terms = shard_terms
+        self._on_peer_state = on_peer_state
+        self._shards: dict[int, ShardTransport] = {}
+        self._peers: dict[str, _Peer] = {}
+        for n in cluster.nodes:
+            if n.id != node_id:
+                host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
+                self._peers[n.id] = _Peer(n.id, host, port)
+        self._pending: set[Link] = set()  # accepted, not yet authenticated
+        self._listen: socket.socket | None = None
+        self._ip = "0.0.0.0"
+        self._throttle = Throttle(interval_s=10.0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        host, port = split_hostport(self._cluster.node(self._node_id).raft, "raft address")
+        try:
+            ip = str(socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((ip, port))
+                sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as e:
+            raise RaftBindError(
+                f"cannot bind the Raft port {host}:{port}: {e.strerror or e}"
+            ) from e
+        sock.setblocking(False)
+        self._poller.subscribe(sock.fileno(), self._accept, POLL_EVENT_TYPE.READ)
+        self._listen = sock
+        self._ip = ip
+        sec = self._security
+        mode = " + ".join(
+            m for m, on in (("peer TLS", sec.tls), ("cluster secret", sec.secret)) if on
+        )
+        log.info(
+            "raft port listening on %s:%d (shards multiplexed; peers authenticate with %s)",
+            ip,
+            port,
+            mode or "nothing: loopback only",
+        )
+
+    def attach(self, shard: ShardTransport) -> None:
+        self._shards[shard.shard_id] = shard
+
+    def detach(self, shard_id: int) -> None:
+        self._shards.pop(shard_id, None)
+
+    def close(self) -> None:
+        for peer in self._peers.values():
+            for link in (peer.link, peer.dialing):
+                if link is not None:
+                    link.close("node stopping")
+        for link in list(self._pending):
+            link.close("node stopping")
+        if self._listen is not None:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self._poller.unsubscribe(self._listen.fileno())
+            self._listen.close()
+
+    def connected_peers(self) -> list[str]:
+        return sorted(p.node_id for p in self._peers.values() if p.link is not None)
+
+    def link_states(self) -> dict[str, str]:
+        """peer → "up", or why it is down ("down: ..."), as this node sees it."""
+        return {
+            p.node_id: "up" if p.link is not None else f"down: {p.problem or 'not connected'}"
+            for p in self._peers.values()
+        }
+
+    def peer_terms(self, peer_id: str) -> dict[int, int]:
+        peer = self._peers.get(peer_id)
+        return dict(peer.terms) if peer is not None else {}
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, peer_id: str, shard_id: int, message: Any) -> bool:
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.link is None:
+            return False
+        try:
+            frame = wire.encode(shard_id, message)
+        except (wire.UnencodableMessage, KeyError, TypeError, ValueError) as e:
+            if self._throttle.allow(f"encode:{type(e).__name__}"):
+                log.error("shard %d: not sending a message to %s: %s", shard_id, peer_id, e)
+            return False
+        if peer.link.send_frame(frame):
+            return True
+        if self._throttle.allow(f"backlog:{peer_id}"):
+            log.warning(
+                "raft link to %s: %d bytes queued (limit %d); dropping messages until it "
+                "drains (the peer or the network is too slow)",
+                peer_id,
+                peer.link.buffered,
+                self._limits.max_send_buffer_bytes,
+            )
+        return False
+
+    # -- periodic work (called on every full Raft tick) -----------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for pending in list(self._pending):
+            pending.check_timeouts(now)
+        for peer in self._peers.values():
+            for link in (peer.link, peer.dialing):
+                if link is not None:
+                    link.check_timeouts(now)
+            if peer.link is not None:
+                if now - peer.last_ping > PING_INTERVAL_S:
+                    peer.last_ping = now
+                    peer.link.send_frame(wire.encode_ping())
+                continue
+            if self._node_id < peer.node_id or peer.dialing is not None:
+                continue  # the peer with the larger id dials
+            if now - peer.last_attempt < RECONNECT_INTERVAL_S:
+                continue
+            peer.last_attempt = now
+            self._dial(peer)
+
+    def _dial(self, peer: _Peer) -> None:
+        try:
+            info = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)
+            ip = str(info[0][4][0])
+        except OSError as e:
+            # Docker's DNS forgets a stopped container: say so once, not every retry.
+            if not peer.unresolvable:
+                log.warning("cannot resolve peer %s (%s): %s", peer.node_id, peer.host, e)
+                peer.unresolvable = True
+                peer.problem = f"cannot resolve {peer.host}"
+            return
+        if peer.unresolvable:
+            log.info("peer %s (%s) resolves again: %s", peer.node_id, peer.host, ip)
+            peer.unresolvable = False
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Bind to our own Raft address first, so every Raft packet of this node carries it
+            # and a firewall rule on it cuts exactly this node (the fault tests rely on it).
+            sock.bind((self._ip, 0))
+            tune_socket(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            err = sock.connect_ex((ip, peer.port))
+        except OSError as e:
+            sock.close()
+            peer.problem = f"cannot connect: {e.strerror or e}"
+            return
+        if err not in (0, 115, 11):  # 0, EINPROGRESS, EAGAIN
+            sock.close()
+            peer.problem = "cannot connect"
+            return
+        peer.dialing = Link(
+            self._poller,
+            sock,
+            dialer=True,
+            remote=f"{ip}:{peer.port}",
+            security=self._security,
+            limits=self._limits,
+            listener=self,
+            expected_peer=peer.node_id,
+        )
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def _accept(self, _fd: int, _event: int) -> None:
+        assert self._listen is not None
+        while True:
+            try:
+                sock, addr = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if self._throttle.allow("accept"):
+                    log.warning("accept on the Raft port failed: %s", e.strerror or e)
+                return
+            remote = f"{addr[0]}:{addr[1]}"
+            if len(self._pending) >= MAX_PENDING_LINKS:
+                sock.close()
+                if self._throttle.allow("pending-cap"):
+                    log.warning(
+                        "Raft port: %d connections are still authenticating; refusing new ones "
+                        "(latest from %s). Is someone other than the cluster connecting?",
+                        len(self._pending),
+                        remote,
+                    )
+                continue
+            try:
+                tune_socket(sock)
+            except OSError:
+                sock.close()
+                continue
+            link = Link(
+                self._poller,
+                sock,
+                dialer=False,
+                remote=remote,
+                security=self._security,
+                limits=self._limits,
+                listener=self,
+            )
+            if not link.closed:
+                self._pending.add(link)
+
+    # -- LinkListener ------------------------------------------------------------------------
+
+    def check_hello(self, link: Link, hello: hs.Hello) -> None:
+        peer = self._peers.get(hello.node_id)
+        if peer is None:
+            raise hs.HandshakeError(
+                hs.RefuseCode.UNKNOWN_NODE,
+                f"node {hello.node_id!r} is not a member of cluster {self._security.fingerprint}",
+            )
+        if link.dialer and hello.node_id != link.expected_peer:
+            raise hs.HandshakeError(
+                hs.RefuseCode.UNKNOWN_NODE,
+                f"dialed {link.expected_peer} at {link.remote} but {hello.node_id} answered",
+            )
+        ours = self._security.secret is not None
+        if hello.has_secret != ours:
+            raise hs.HandshakeError(
+                hs.RefuseCode.SECRET_MISMATCH,
+                f"{'we have' if ours else 'we have no'} cluster secret and "
+                f"{hello.node_id} {'has none' if ours else 'has one'}: set the same secret "
+                "on every node",
+            )
+        if self._security.tls and link.cert_node_id != hello.node_id:
+            raise hs.HandshakeError(
+                hs.RefuseCode.CERTIFICATE,
+                f"the TLS certificate names node {link.cert_node_id!r}, the hello claims "
+                f"{hello.node_id!r} (issue node certificates with `raftkv certs node`)",
+            )
+
+    def admit(self, link: Link, hello: hs.Hello) -> None:
+        if hello.fingerprint != self._security.fingerprint:
+            raise hs.HandshakeError(
+                hs.RefuseCode.FINGERPRINT,
+                f"{hello.node_id} runs cluster {hello.fingerprint}, this node runs "
+                f"{self._security.fingerprint} (the nodes were started from different "
+                "cluster files)",
+            )
+
+    def link_up(self, link: Link) -> None:
+        peer = self._peers[link.peer_id]
+        self._pending.discard(link)
+        if peer.dialing is link:
+            peer.dialing = None
+        if peer.link is not None and peer.link is not link:
+            old, peer.link = peer.link, None
+            old.close(f"replaced by a new authenticated link from {peer.node_id}")
+            self._notify_down(peer.node_id)
+        peer.link = link
+        peer.problem = peer.logged_problem = ""
+        peer.last_ping = time.monotonic()
+        log.info("raft link to %s up (%s)", peer.node_id, link.remote)
+        link.send_frame(wire.encode_peer_state(self._shard_terms()))
+        for shard in list(self._shards.values()):
+            shard.peer_connected(peer.node_id)
+
+    def frame_received(self, link: Link, payload: bytes) -> None:
+        try:
+            kind, shard_id, body = wire.decode(payload)
+        except wire.MalformedFrame as e:
+            link.close(f"malformed frame from {link.peer_id}: {e}")
+            log.error("dropping the Raft link to %s: %s", link.peer_id, e)
+            return
+        if kind == "raft":
+            shard = self._shards.get(shard_id)
+            if shard is not None:
+                shard.deliver(link.peer_id, body)
+        elif kind == "peer_state":
+            peer = self._peers[link.peer_id]
+            peer.terms = body
+            self._on_peer_state(peer.node_id, body)
+
+    def refused_by_peer(self, link: Link, code: int, reason: str) -> None:
+        # Unauthenticated text: a stranger could send it, so it is throttled like the rest.
+        claimed = link.peer_id or link.expected_peer or "an unknown peer"
+        peer = self._peers.get(link.peer_id or link.expected_peer)
+        problem = f"refused by {claimed}: {reason}"
+        if peer is not None:
+            peer.problem = problem
+            peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
+        if self._throttle.allow(f"refused:{claimed}:{code}"):
+            log.error("raft link to %s (%s) %s", claimed, link.remote, problem)
+
+    def link_closed(self, link: Link, reason: str) -> None:
+        self._pending.discard(link)
+        for peer in self._peers.values():
+            if peer.link is link:
+                peer.link = None
+                peer.problem = reason
+                log.warning("raft link to %s down: %s", peer.node_id, reason)
+                self._notify_down(peer.node_id)
+                return
+            if peer.dialing is link:
+                peer.dialing = None
+        claimed = self._peers.get(link.peer_id or link.expected_peer)
+        if claimed is not None and claimed.link is None:
+            claimed.problem = reason  # why the last attempt failed, for status
+        if reason.startswith("handshake refused") or "before authentication" in reason:
+            who = link.peer_id or link.expected_peer or "an unauthenticated peer"
+            direction = "to" if link.dialer else "from"
+            key = f"reject:{who}:{reason[:40]}"
+            if self._throttle.allow(key):
+                log.warning(
+                    "raft port: closed the connection %s %s (%s): %s",
+                    direction,
+                    who,
+                    link.remote,
+                    reason,
+                )
+
+    def _notify_down(self, peer_id: str) -> None:
+        for shard in list(self._shards.values()):
+            shard.peer_disconnected(peer_id)

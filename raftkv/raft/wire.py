@@ -1,0 +1,206 @@
+"""The Raft wire codec: pysyncobj's message dicts ⇄ ``RaftFrame`` protobuf bytes.
+
+pysyncobj speaks in Python dicts and pickles them onto its sockets, so anyone who could reach
+a Raft port could run code on the node. raftkv sends data only: every message kind pysyncobj
+produces has a protobuf type in ``proto/raftkv/v1/raft.proto``, and this module maps between
+the two. Decoding builds only dicts of ints, bools and bytes, with exactly the keys pysyncobj
+reads (``'prevLogIdx' in message`` and ``message.get('error')`` are meaningful, so presence is
+preserved).
+
+Two things pysyncobj could send are deliberately unrepresentable:
+
+* ``transmission`` chunks (an entry larger than ``appendEntriesBatchSizeBytes`` is pickled
+  and split): raftkv sets that size above the largest command it accepts, so they never
+  occur, and the receiving side has no way to turn bytes back into a pickle;
+* commands whose pysyncobj type byte is not REGULAR or NO_OP (MEMBERSHIP and VERSION entries
+  are pickles that pysyncobj would load when applying them).
+
+:func:`encode` raises :class:`UnencodableMessage` for anything else; :func:`decode` raises
+:class:`MalformedFrame` for bytes that are not a valid frame. Both are programming or peer
+errors: the transport logs them and drops the message (or the link).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from raftkv._pb.raftkv.v1 import command_pb2 as cpb
+from raftkv._pb.raftkv.v1 import raft_pb2 as pb
+
+# pysyncobj's command type bytes that may appear in a log entry on the wire.
+_REGULAR = 0
+_NO_OP = 1
+_ALLOWED_COMMAND_TYPES = frozenset({_REGULAR, _NO_OP})
+
+
+class UnencodableMessage(ValueError):
+    """pysyncobj produced a message raftkv will not put on the wire."""
+
+
+class MalformedFrame(ValueError):
+    """Bytes from an authenticated peer that are not a valid Raft frame."""
+
+
+def encode_ping() -> bytes:
+    return _PING
+
+
+def encode_peer_state(shard_terms: dict[int, int]) -> bytes:
+    frame = pb.RaftFrame()
+    frame.peer_state.shard_terms.update(shard_terms)
+    return frame.SerializeToString()
+
+
+def _check_command(command: bytes) -> bytes:
+    if not command or command[0] not in _ALLOWED_COMMAND_TYPES:
+        raise UnencodableMessage("log entry of a pysyncobj command type raftkv never writes")
+    return command
+
+
+def encode(shard_id: int, message: dict[str, Any]) -> bytes:
+    """One pysyncobj message for ``shard_id`` → frame bytes."""
+    frame = pb.RaftFrame(shard_id=shard_id)
+    kind = message.get("type")
+    if kind == "append_entries":
+        if "transmission" in message:
+            raise UnencodableMessage("chunked (pickled) entry transmission is disabled")
+        if "prevLogIdx" in message:
+            ae = frame.append_entries
+            ae.term = message["term"]
+            ae.commit_index = message["commit_index"]
+            ae.entries.extend(
+                cpb.LogEntry(command=_check_command(cmd), index=idx, term=term)
+                for cmd, idx, term in message.get("entries", ())
+            )
+            if message["prevLogIdx"] is not None:
+                ae.prev_log_index = message["prevLogIdx"]
+            if message["prevLogTerm"] is not None:
+                ae.prev_log_term = message["prevLogTerm"]
+        else:
+            snap = frame.install_snapshot
+            snap.term = message["term"]
+            snap.commit_index = message["commit_index"]
+            chunk = message.get("serialized")
+            if chunk:  # None: nothing ready yet; False: the leader failed to read its file
+                data, first, last = chunk
+                snap.chunk.data, snap.chunk.first, snap.chunk.last = data, first, last
+    elif kind == "next_node_idx":
+        ni = frame.next_index
+        ni.next_index = message["next_node_idx"]
+        ni.reset = message["reset"]
+        ni.success = message["success"]
+    elif kind == "request_vote":
+        rv = frame.request_vote
+        rv.term = message["term"]
+        rv.last_log_index = message["last_log_index"]
+        rv.last_log_term = message["last_log_term"]
+    elif kind == "response_vote":
+        frame.response_vote.term = message["term"]
+    elif kind == "apply_command":
+        ac = frame.apply_command
+        ac.command = _check_command(message["command"])
+        if "request_id" in message:
+            ac.request_id = message["request_id"]
+    elif kind == "apply_command_response":
+        acr = frame.apply_command_response
+        acr.request_id = message["request_id"]
+        if message.get("error") is not None:
+            acr.error = message["error"]
+        else:
+            acr.log_index = message["log_idx"]
+            acr.log_term = message["log_term"]
+    elif kind == "timeout_now":
+        frame.timeout_now.term = message["term"]
+    else:
+        raise UnencodableMessage(f"unknown pysyncobj message type {kind!r}")
+    return frame.SerializeToString()
+
+
+Decoded = tuple[str, int, Any]
+"""``(kind, shard_id, payload)``: kind is ``"raft"`` (payload: a pysyncobj message dict),
+``"ping"`` (payload None) or ``"peer_state"`` (payload: ``{shard_id: term}``)."""
+
+
+def decode(data: bytes) -> Decoded:
+    frame = pb.RaftFrame()
+    try:
+        frame.ParseFromString(data)
+    except DecodeError as e:
+        raise MalformedFrame(f"not a Raft frame ({e})") from None
+    which = frame.WhichOneof("body")
+    shard = frame.shard_id
+    message: dict[str, Any]
+    if which == "append_entries":
+        ae = frame.append_entries
+        message = {
+            "type": "append_entries",
+            "term": ae.term,
+            "commit_index": ae.commit_index,
+            "entries": [(_entry_command(e), e.index, e.term) for e in ae.entries],
+            "prevLogIdx": ae.prev_log_index if ae.HasField("prev_log_index") else None,
+            "prevLogTerm": ae.prev_log_term if ae.HasField("prev_log_term") else None,
+        }
+    elif which == "install_snapshot":
+        snap = frame.install_snapshot
+        message = {
+            "type": "append_entries",
+            "term": snap.term,
+            "commit_index": snap.commit_index,
+            "serialized": (
+                (snap.chunk.data, snap.chunk.first, snap.chunk.last)
+                if snap.HasField("chunk")
+                else None
+            ),
+        }
+    elif which == "next_index":
+        ni = frame.next_index
+        message = {
+            "type": "next_node_idx",
+            "next_node_idx": ni.next_index,
+            "reset": ni.reset,
+            "success": ni.success,
+        }
+    elif which == "request_vote":
+        rv = frame.request_vote
+        message = {
+            "type": "request_vote",
+            "term": rv.term,
+            "last_log_index": rv.last_log_index,
+            "last_log_term": rv.last_log_term,
+        }
+    elif which == "response_vote":
+        message = {"type": "response_vote", "term": frame.response_vote.term}
+    elif which == "apply_command":
+        ac = frame.apply_command
+        message = {"type": "apply_command", "command": _entry_command(ac)}
+        if ac.HasField("request_id"):
+            message["request_id"] = ac.request_id
+    elif which == "apply_command_response":
+        acr = frame.apply_command_response
+        message = {"type": "apply_command_response", "request_id": acr.request_id}
+        if acr.HasField("error"):
+            message["error"] = acr.error
+        else:
+            message["log_idx"] = acr.log_index
+            message["log_term"] = acr.log_term
+    elif which == "timeout_now":
+        message = {"type": "timeout_now", "term": frame.timeout_now.term}
+    elif which == "ping":
+        return ("ping", 0, None)
+    elif which == "peer_state":
+        return ("peer_state", 0, dict(frame.peer_state.shard_terms))
+    else:
+        raise MalformedFrame("Raft frame with no known body")
+    return ("raft", shard, message)
+
+
+def _entry_command(holder: cpb.LogEntry | pb.ApplyCommand) -> bytes:
+    command: bytes = holder.command
+    if not command or command[0] not in _ALLOWED_COMMAND_TYPES:
+        raise MalformedFrame("log entry with a command type raftkv never writes")
+    return command
+
+
+_PING = pb.RaftFrame(ping=pb.Ping()).SerializeToString()
