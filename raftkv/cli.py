@@ -232,6 +232,13 @@ def serve(
             "Key that verifies tokens minted by `raftkv auth mint`.",
         ),
     ] = None,
+    log_compaction_entries: Annotated[
+        int,
+        typer.Option(
+            help="Compact a shard's log into a snapshot after this many entries (smaller: "
+            "shorter restarts and catch-ups, more snapshot writes)."
+        ),
+    ] = RaftTuning.log_compaction_entries,
     max_concurrent_rpcs: Annotated[
         int,
         typer.Option(
@@ -285,7 +292,7 @@ def serve(
         limits=limits,
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
-        raft=RaftTuning(fsync=fsync),
+        raft=RaftTuning(fsync=fsync, log_compaction_entries=log_compaction_entries),
         security=security,
         recover_from_peers=recover_from_peers,
     )
@@ -575,15 +582,24 @@ def local_up(
     directory: Annotated[
         Path, typer.Option("--dir", help="Cluster file, data and logs go here.")
     ] = Path(".raftkv-local"),
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Run it as a production cluster would: TLS on both ports, a cluster secret "
+            "and bearer tokens, all made under DIR/secure (see docs/security.md).",
+        ),
+    ] = False,
 ) -> None:
     """Start a local cluster of real `raftkv serve` processes; Ctrl-C stops them all."""
+    from raftkv import certs
     from raftkv.testing.cluster import LocalCluster
 
     try:
         config = ClusterConfig.local(nodes, shards, replicas, base_port)
-    except ConfigError as e:
+        cluster = LocalCluster(config, directory, secure=secure)
+    except (ConfigError, certs.CertError, OSError) as e:
         raise fail(str(e)) from None
-    cluster = LocalCluster(config, directory)
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -601,7 +617,12 @@ def local_up(
         typer.echo(f"cluster file: {cluster.cluster_file}")
         typer.echo(f"endpoints:    {','.join(cluster.endpoints)}")
         typer.echo(f"logs:         {directory / 'logs'}/<node>/raftkv.log")
-        typer.echo(f"try:          raftkv client -e {cluster.endpoints[0]} status")
+        if cluster.credentials is not None:
+            env = " ".join(f"{k}={v}" for k, v in cluster.credentials.client_env().items())
+            typer.echo(f"credentials:  {cluster.credentials.directory}")
+            typer.echo(f"try:          {env} raftkv client -e {cluster.endpoints[0]} status")
+        else:
+            typer.echo(f"try:          raftkv client -e {cluster.endpoints[0]} status")
         typer.echo("Ctrl-C stops every node.")
         try:
             while not stop:

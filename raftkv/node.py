@@ -118,8 +118,12 @@ class Node:
         dialer = node_dialer(security.grpc_tls, security.peer_tls)
         self.peers = {n.id: Peer(n.id, n.grpc, dialer) for n in cluster.nodes if n.id != self.id}
         self._leader_cache: dict[int, str] = {}
-        self._check_data_dir()
-        storages = self._open_storages()
+        initialized = self._check_data_dir()
+        storages = self._open_storages(initialized)
+        if not initialized:
+            # Only now: a node.json means "this node has been a member", so a shard directory
+            # missing later is state that was lost (see _open_storages).
+            self._write_node_json()
         self.driver = RaftDriver(cluster, self.id, settings.raft, link_security)
         self.replicas: dict[int, ShardReplica] = {}
         for s, storage in storages.items():
@@ -166,21 +170,41 @@ class Node:
             tls_client=tls_client,
         )
 
-    def _open_storages(self) -> dict[int, ReplicaStorage]:
-        """Open and check every replica's files; rebuild or refuse the broken ones."""
+    def _open_storages(self, initialized: bool) -> dict[int, ReplicaStorage]:
+        """Open and check every replica's files; rebuild or refuse the broken ones.
+
+        A shard directory that is missing on a node that has run before was removed (by an
+        operator, or with its disk): it is rebuilt from its peers, safely, as a recovering
+        replica. A directory whose files fail their checks is refused unless
+        ``recover_from_peers`` says to rebuild it (its files are kept aside).
+        """
         storages: dict[int, ReplicaStorage] = {}
         problems: list[str] = []
+        durable = self.settings.raft.fsync
         for s in self.placement.shards_on(self.id):
             directory = self.settings.data_dir / f"shard-{s}"
+            has_peers = len(self.placement.replicas_of(s)) > 1
+            if initialized and not directory.exists():
+                if not has_peers:
+                    problems.append(f"shard {s}: {directory} is missing and has no other replica")
+                    continue
+                log.warning(
+                    "shard %d: %s is missing; rebuilding this replica from its peers (it will "
+                    "not vote until it has caught up)",
+                    s,
+                    directory,
+                )
+                storages[s] = create_recovering(directory, s, durable=durable)
+                continue
             try:
-                storages[s] = open_storage(directory, s)
+                storages[s] = open_storage(directory, s, durable=durable)
                 continue
             except StorageError as e:
                 if not self.settings.recover_from_peers:
                     problems.append(str(e))
                     continue
                 reason = str(e)
-            if len(self.placement.replicas_of(s)) < 2:
+            if not has_peers:
                 problems.append(f"shard {s} has no other replica to recover from: {reason}")
                 continue
             aside = set_aside(directory)
@@ -191,7 +215,7 @@ class Node:
                 reason,
                 aside,
             )
-            storages[s] = create_recovering(directory, s)
+            storages[s] = create_recovering(directory, s, durable=durable)
         if problems:
             for st in storages.values():
                 st.journal._destroy()
@@ -207,7 +231,8 @@ class Node:
             )
         return storages
 
-    def _check_data_dir(self) -> None:
+    def _check_data_dir(self) -> bool:
+        """Check the data dir is ours and writable; True if this node has run here before."""
         d = self.settings.data_dir
         probe = d / ".write-test"
         try:
@@ -220,11 +245,6 @@ class Node:
                 "the mount (read-only?) and free space"
             ) from None
         meta_path = d / "node.json"
-        want = {
-            "node_id": self.id,
-            "cluster_fingerprint": self.cluster.fingerprint,
-            "format": DATA_FORMAT,
-        }
         if meta_path.exists():
             try:
                 have = json.loads(meta_path.read_text())
@@ -250,7 +270,16 @@ class Node:
                     "cannot serve it. Move it aside and start the node with an empty data dir "
                     "so it rebuilds from its peers"
                 )
-            return
+            return True
+        return False
+
+    def _write_node_json(self) -> None:
+        meta_path = self.settings.data_dir / "node.json"
+        want = {
+            "node_id": self.id,
+            "cluster_fingerprint": self.cluster.fingerprint,
+            "format": DATA_FORMAT,
+        }
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(want, indent=2) + "\n")
         with open(tmp, "rb") as f:

@@ -96,17 +96,22 @@ def _describe_os_error(e: OSError) -> str:
 class Journal(PysyncobjJournal):  # type: ignore[misc]
     """The log of one replica. All methods run on the Raft thread."""
 
-    def __init__(self, path: Path, meta: MetaStore, *, what: str) -> None:
+    def __init__(self, path: Path, meta: MetaStore, *, what: str, durable: bool = False) -> None:
+        """``durable``: appends count as stored only once :meth:`sync` ran (fsync mode);
+        otherwise the page cache is the durability boundary (process crashes only)."""
         self.path = path
         self.meta = meta
         self._what = what  # "shard 3", for messages
+        self._durable = durable
         self._entries: list[Entry] = []
         self._offsets = array.array("Q")  # file offset of each entry's record
         self.repaired = ""  # what opening dropped, if anything (for the log)
         self._fd = -1
         self._size = HEADER_BYTES
         self._unsynced = False
+        self.existed = path.exists() and path.stat().st_size > HEADER_BYTES
         self._open()
+        self._synced_index = self.last_index
 
     # -- opening and checking ------------------------------------------------------------------
 
@@ -291,6 +296,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._offsets = offsets
         self._size = size
         self._unsynced = False
+        self._synced_index = self.last_index
 
     def sync(self) -> None:
         """Group commit: one fsync makes every append since the last one durable."""
@@ -304,6 +310,12 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
                 no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
             ) from e
         self._unsynced = False
+        self._synced_index = self.last_index
+
+    @property
+    def stored_index(self) -> int:
+        """The last index that survives the failures this journal is configured for."""
+        return self._synced_index if self._durable else self.last_index
 
     def flush(self) -> None:
         self.sync()
@@ -335,7 +347,9 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         return self.meta.voted_for
 
     def onOneSecondTimer(self) -> None:
-        self.meta.save_commit_index()
+        # Never record a commit index past what this journal has stored: on restart a commit
+        # index beyond the log means entries were lost (see storage.open_storage).
+        self.meta.save_commit_index(min(self.meta.commit_index, self.stored_index))
 
 
 class MetaStore:
@@ -351,7 +365,8 @@ class MetaStore:
         self.recovering = False
         self._saved_commit_index = 1
         self._commit_save_failed = False
-        if path.exists():
+        self.existed = path.exists()
+        if self.existed:
             self._load()
 
     def _load(self) -> None:
@@ -385,8 +400,10 @@ class MetaStore:
             "recovering": self.recovering,
         }
 
-    def save(self) -> None:
+    def save(self, commit_index: int | None = None) -> None:
         state = self._state()
+        if commit_index is not None:
+            state["commit_index"] = commit_index
         doc = {"crc32": zlib.crc32(_canonical(state)), "state": state}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -402,14 +419,14 @@ class MetaStore:
             raise MetaWriteError(
                 f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
             ) from e
-        self._saved_commit_index = self.commit_index
+        self._saved_commit_index = state["commit_index"]
 
-    def save_commit_index(self) -> None:
+    def save_commit_index(self, commit_index: int) -> None:
         """Lazily persist the commit index (a restart then re-applies without waiting)."""
-        if self.commit_index == self._saved_commit_index:
+        if commit_index == self._saved_commit_index:
             return
         try:
-            self.save()
+            self.save(commit_index)
         except MetaWriteError as e:
             # Not a safety problem (the leader re-sends the commit index); say it once.
             if not self._commit_save_failed:

@@ -43,34 +43,57 @@ class ReplicaStorage:
         return self.directory / SNAPSHOT
 
 
-def open_storage(directory: Path, shard_id: int) -> ReplicaStorage:
+def open_storage(directory: Path, shard_id: int, *, durable: bool = False) -> ReplicaStorage:
     what = f"shard {shard_id}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         meta = MetaStore(directory / META, what=what)
-        journal = Journal(directory / JOURNAL, meta, what=what)
+        journal = Journal(directory / JOURNAL, meta, what=what, durable=durable)
     except OSError as e:
         raise StorageError(f"{what}: cannot open {directory}: {_reason(e)}") from e
-    snapshot_path = directory / SNAPSHOT
-    snapshot = read_snapshot(snapshot_path, what) if snapshot_path.exists() else None
+    try:
+        snapshot_path = directory / SNAPSHOT
+        snapshot = read_snapshot(snapshot_path, what) if snapshot_path.exists() else None
+        _check_whole(directory, what, meta, journal, snapshot)
+    except StorageError:
+        journal._destroy()
+        raise
+    return ReplicaStorage(directory, meta, journal, snapshot)
+
+
+def _check_whole(
+    directory: Path, what: str, meta: MetaStore, journal: Journal, snapshot: pb.Snapshot | None
+) -> None:
+    """Do the files, together, hold everything this replica has acknowledged?"""
+    lost = (
+        "this replica has lost part of its state and must not vote or lead. Rebuild it from "
+        "its peers: raftkv serve --recover-from-peers"
+    )
     first = journal.first_index
     covered = snapshot.last_applied.index if snapshot is not None else 0
+    if meta.existed and not journal.existed and snapshot is None and meta.term > 0:
+        raise StorageError(
+            f"{what}: {directory / META} records term {meta.term} but {directory / JOURNAL} "
+            f"is missing or empty: {lost}"
+        )
+    reaches = max(journal.last_index, covered)
+    if meta.commit_index > reaches:
+        raise StorageError(
+            f"{what}: this replica had recorded commit index {meta.commit_index} but its "
+            f"journal and snapshot only reach index {reaches}: {lost}"
+        )
     # pysyncobj keeps the entry before the snapshot's last one in the log, so a compacted
     # journal starts at (snapshot index - 1); it may start earlier (compaction interrupted).
     # Any later start leaves a gap of entries this replica acknowledged and no longer has.
     if first > covered + 1:
-        journal._destroy()
         missing = (
             "there is no snapshot.bin"
             if snapshot is None
             else f"snapshot.bin only reaches index {covered}"
         )
         raise StorageError(
-            f"{what}: {directory / JOURNAL} starts at index {first} but {missing}: this "
-            "replica has lost part of its state and must not vote or lead. Rebuild it from "
-            "its peers: raftkv serve --recover-from-peers"
+            f"{what}: {directory / JOURNAL} starts at index {first} but {missing}: {lost}"
         )
-    return ReplicaStorage(directory, meta, journal, snapshot)
 
 
 def set_aside(directory: Path) -> Path:
@@ -87,9 +110,9 @@ def set_aside(directory: Path) -> Path:
     return aside
 
 
-def create_recovering(directory: Path, shard_id: int) -> ReplicaStorage:
+def create_recovering(directory: Path, shard_id: int, *, durable: bool = False) -> ReplicaStorage:
     """An empty replica that may not vote or campaign until it has caught up with a leader."""
-    storage = open_storage(directory, shard_id)
+    storage = open_storage(directory, shard_id, durable=durable)
     storage.meta.recovering = True
     storage.meta.save()
     return storage

@@ -8,6 +8,11 @@ on conditions with deadlines, never on bare sleeps.
 
 Nodes can be given their own loopback address (127.0.0.11, .12, ...) so a fault injector can
 cut one node's traffic with iptables.
+
+``secure=True`` runs the cluster the way docs/security.md tells users to: a CA and node
+certificates (TLS on the gRPC port, mutual TLS on the Raft port), a cluster secret and minted
+bearer tokens (:mod:`raftkv.credentials`); the helpers here and :meth:`LocalCluster.client`
+then connect with the CA and the admin token.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+from raftkv.client import Client
 from raftkv.config import ClusterConfig, NodeAddress
+from raftkv.credentials import Credentials, create
+from raftkv.network import Dialer
 
 T = TypeVar("T")
 
@@ -92,12 +100,23 @@ class LocalCluster:
         *,
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        secure: bool = False,
     ) -> None:
         self.config = config
         self.base_dir = Path(base_dir)
         self.cluster_file = self.base_dir / "cluster.toml"
         self.extra_args = extra_args
         self.env = env
+        self.credentials: Credentials | None = None
+        self.dialer = Dialer()
+        if secure:
+            directory = self.base_dir / "secure"
+            self.credentials = (
+                Credentials(directory)
+                if (directory / "admin.token").exists()
+                else create(directory, config)
+            )
+            self.dialer = Dialer(self.credentials.client_tls(), self.credentials.token)
         self.nodes = {
             n.id: NodeProcess(n, self.base_dir / "data" / n.id, self.base_dir / "logs")
             for n in config.nodes
@@ -151,6 +170,7 @@ class LocalCluster:
             str(n.data_dir),
             "--log-dir",
             str(n.log_dir),
+            *(self.credentials.serve_args(node_id) if self.credentials else ()),
             *self.extra_args,
         ]
 
@@ -259,8 +279,22 @@ class LocalCluster:
 
     @contextlib.contextmanager
     def channel(self, node_id: str) -> Iterator[grpc.Channel]:
-        with grpc.insecure_channel(self.endpoint(node_id)) as ch:
+        with self.dialer.sync_channel(self.endpoint(node_id)) as ch:
             yield ch
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata for the helpers' own RPCs (the admin token, when secure)."""
+        return self.dialer.metadata
+
+    def client(self, endpoints: list[str] | None = None, **kwargs: object) -> Client:
+        """A :class:`Client` for this cluster, with its TLS and token settings."""
+        return Client(
+            endpoints or self.endpoints,
+            tls=self.dialer.tls,
+            token=self.credentials.token if self.credentials else None,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     def healthy(self, node_id: str) -> bool:
         with self.channel(node_id) as ch:
@@ -288,7 +322,7 @@ class LocalCluster:
         target = node_id or next(n.id for n in self.nodes.values() if n.running and not n.paused)
         with self.channel(target) as ch:
             resp: kv.StatusResponse = kv_grpc.ClusterStub(ch).Status(
-                kv.StatusRequest(), timeout=timeout
+                kv.StatusRequest(), timeout=timeout, metadata=self.metadata
             )
         return resp
 

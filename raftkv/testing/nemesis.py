@@ -35,8 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.client import Client
@@ -161,9 +159,9 @@ class Workload:
     """Concurrent clients on a small key set, recording every operation in a History."""
 
     def __init__(
-        self, endpoints: list[str], clients: int, keys: int, op_timeout: float, seed: int
+        self, cluster: LocalCluster, clients: int, keys: int, op_timeout: float, seed: int
     ) -> None:
-        self.endpoints = endpoints
+        self.cluster = cluster
         self.clients = clients
         self.keys = [f"k{i}".encode() for i in range(keys)]
         self.op_timeout = op_timeout
@@ -180,8 +178,8 @@ class Workload:
     async def _client(self, index: int) -> None:
         rng = random.Random(self.rng.random())
         seen: dict[bytes, bytes] = {}
-        async with Client(
-            self.endpoints, timeout=self.op_timeout, attempt_timeout=min(2.0, self.op_timeout)
+        async with self.cluster.client(
+            timeout=self.op_timeout, attempt_timeout=min(2.0, self.op_timeout)
         ) as c:
             while not self.stop.is_set():
                 key = rng.choice(self.keys)
@@ -237,7 +235,7 @@ class Workload:
     async def _series(self) -> None:
         """An append-only series of unique keys: every acknowledged one must survive."""
         n = 0
-        async with Client(self.endpoints, timeout=self.op_timeout) as c:
+        async with self.cluster.client(timeout=self.op_timeout) as c:
             while not self.stop.is_set():
                 key, value = f"series-{n:06d}".encode(), f"v{n}".encode()
                 n += 1
@@ -252,7 +250,7 @@ class Workload:
 
     async def final_reads(self) -> list[bytes]:
         """Read every key once more (recorded) and return the acknowledged series keys lost."""
-        async with Client(self.endpoints, timeout=30) as c:
+        async with self.cluster.client(timeout=30) as c:
             for key in self.keys:
                 await self._get(c, 99, key, {})
             lost = []
@@ -323,8 +321,10 @@ class Nemesis:
 
 def converged(cluster: LocalCluster) -> tuple[bool, str]:
     """Do all replicas of every shard have the same applied index and data digest?"""
-    with grpc.insecure_channel(cluster.running_endpoints()[0]) as ch:
-        status = kv_grpc.ClusterStub(ch).Status(kv.StatusRequest(digest=True), timeout=15)
+    with cluster.dialer.sync_channel(cluster.running_endpoints()[0]) as ch:
+        status = kv_grpc.ClusterStub(ch).Status(
+            kv.StatusRequest(digest=True), timeout=15, metadata=cluster.metadata
+        )
     for shard in status.shards:
         states = {(r.last_applied, r.digest) for r in shard.replica_status}
         if len(shard.replica_status) != len(shard.replicas) or len(states) != 1:
@@ -336,10 +336,17 @@ def converged(cluster: LocalCluster) -> tuple[bool, str]:
 
 
 @contextlib.contextmanager
-def fault_cluster(base_dir: Path, nodes: int = 3, shards: int = 4) -> Iterator[LocalCluster]:
+def fault_cluster(
+    base_dir: Path, nodes: int = 3, shards: int = 4, *, secure: bool = False
+) -> Iterator[LocalCluster]:
     """A cluster with one loopback address per node, ready for partitions."""
     with LocalCluster.create(
-        base_dir, nodes=nodes, shards=shards, replicas=3, hosts=loopback_hosts(nodes)
+        base_dir,
+        nodes=nodes,
+        shards=shards,
+        replicas=3,
+        hosts=loopback_hosts(nodes),
+        secure=secure,
     ) as cluster:
         cluster.start(timeout=60)
         yield cluster
@@ -354,20 +361,23 @@ def run(
     keys: int = 8,
     seed: int | None = None,
     op_timeout: float = 1.5,
+    secure: bool = False,
 ) -> RunReport:
-    """One bounded nemesis run; returns the report (never raises on a failed check)."""
+    """One bounded nemesis run; returns the report (never raises on a failed check).
+
+    ``secure`` runs the cluster with TLS on both ports, a cluster secret and tokens."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     report = RunReport()
     log.info("nemesis run: seed %d, %d faults, %d clients, %d keys", seed, faults, clients, keys)
     usable, why = Partitioner.available()
-    with fault_cluster(base_dir) as cluster:
+    with fault_cluster(base_dir, secure=secure) as cluster:
         partitioner = Partitioner(cluster) if usable else None
         if partitioner is None:
             report.skipped_kinds["partition"] = why
         try:
             if partitioner is not None:
                 partitioner.install()
-            workload = Workload(cluster.endpoints, clients, keys, op_timeout, seed)
+            workload = Workload(cluster, clients, keys, op_timeout, seed)
             nemesis = Nemesis(cluster, seed, partitioner)
             stop = threading.Event()
 
@@ -422,10 +432,13 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="keep cluster files and history here")
+    ap.add_argument("--secure", action="store_true", help="TLS, a cluster secret and tokens")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = args.keep or Path(tempfile.mkdtemp(prefix="raftkv-nemesis-"))
-    report = run(base, faults=args.faults, max_seconds=args.max_seconds, seed=args.seed)
+    report = run(
+        base, faults=args.faults, max_seconds=args.max_seconds, seed=args.seed, secure=args.secure
+    )
     print(report.summary())
     if report.check is not None and not report.check.ok:
         print(report.check.describe())

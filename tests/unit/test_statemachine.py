@@ -75,3 +75,26 @@ def test_barrier_changes_nothing() -> None:
     sm.apply(command.put(b"a", b"1"), index=2)
     sm.apply(command.BARRIER, index=3)
     assert len(sm) == 1 and sm.applied_index == 3
+
+
+def test_a_request_id_reused_for_another_command_applies_nothing() -> None:
+    sm = StateMachine()
+    first = sm.apply(command.put(b"a", b"1", b"client", 7), index=2)
+    assert first.code == pb.CommandResult.OK and first.version == 2
+    reused = sm.apply(command.put(b"b", b"2", b"client", 7), index=3)
+    assert reused.code == pb.CommandResult.REQUEST_ID_REUSED
+    assert sm.get(b"b") is None
+    other_value = sm.apply(command.put(b"a", b"X", b"client", 7), index=4)
+    assert other_value.code == pb.CommandResult.REQUEST_ID_REUSED
+    assert sm.get(b"a").value == b"1"  # type: ignore[union-attr]
+    # the same command again is a retry: the first result, nothing applied twice
+    assert sm.apply(command.put(b"a", b"1", b"client", 7), index=5) == first
+
+
+def test_request_id_hashes_survive_a_snapshot() -> None:
+    sm = StateMachine()
+    sm.apply(command.delete(b"a", b"client", 1), index=2)
+    restored = StateMachine()
+    restored.restore(sm.snapshot())
+    again = restored.apply(command.put(b"a", b"v", b"client", 1), index=3)
+    assert again.code == pb.CommandResult.REQUEST_ID_REUSED

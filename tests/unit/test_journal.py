@@ -1,0 +1,175 @@
+"""The replica's files: journal records, term/vote, snapshots and how they fit together."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from raftkv._pb.raftkv.v1 import command_pb2 as pb
+from raftkv.errors import StorageError
+from raftkv.raft import snapshot as snapfile
+from raftkv.raft.journal import HEADER_BYTES, Journal, MetaStore
+from raftkv.raft.storage import open_storage
+
+
+def journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "journal.bin", MetaStore(tmp_path / "meta.json", what="t"), what="t")
+
+
+def filled(tmp_path: Path, n: int = 5, first: int = 1) -> Journal:
+    j = journal(tmp_path)
+    for i in range(first, first + n):
+        j.add(b"\x00cmd-%d" % i, i, 1 + i // 3)
+    return j
+
+
+def test_entries_survive_reopening(tmp_path: Path) -> None:
+    j = filled(tmp_path)
+    j.sync()
+    j._destroy()
+    again = journal(tmp_path)
+    assert [e[1] for e in again] == [1, 2, 3, 4, 5]
+    assert again[2] == (b"\x00cmd-3", 3, 2)
+    assert again[-1][1] == 5 and len(again) == 5
+
+
+def test_a_flipped_bit_refuses_to_open_naming_file_and_record(tmp_path: Path) -> None:
+    filled(tmp_path)._destroy()
+    path = tmp_path / "journal.bin"
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 40] ^= 0x10  # inside the second record
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError) as e:
+        journal(tmp_path)
+    message = str(e.value)
+    assert str(path) in message and "record 2" in message and "checksum" in message
+    assert "--recover-from-peers" in message
+
+
+def test_a_torn_last_record_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    filled(tmp_path)._destroy()
+    path = tmp_path / "journal.bin"
+    path.write_bytes(path.read_bytes()[:-5])  # the write of record 5 was cut short
+    with caplog.at_level(logging.WARNING):
+        j = journal(tmp_path)
+    assert [e[1] for e in j] == [1, 2, 3, 4]
+    assert "record 5" in j.repaired and str(path) in caplog.text
+    j.add(b"\x00again", 5, 2)  # appends continue at the right place
+    j._destroy()
+    assert [e[0] for e in journal(tmp_path)][-1] == b"\x00again"
+
+
+def test_out_of_order_indexes_are_corruption(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    j.add(b"\x00a", 1, 1)
+    j.add(b"\x00b", 3, 1)  # a gap: only a bug or tampering writes this
+    j._destroy()
+    with pytest.raises(StorageError, match="index 3 term 1 after index 1"):
+        journal(tmp_path)
+
+
+def test_truncating_the_tail_and_compacting(tmp_path: Path) -> None:
+    j = filled(tmp_path, 10)
+    j.deleteEntriesFrom(7)  # drop indexes 8..10 (a follower's conflicting tail)
+    j.add(b"\x00new-8", 8, 9)
+    j.deleteEntriesTo(3)  # compaction: keep indexes 4.. in a new file
+    assert not (tmp_path / "journal.bin.tmp").exists()
+    j._destroy()
+    again = journal(tmp_path)
+    assert [e[1] for e in again] == [4, 5, 6, 7, 8]
+    assert again[-1] == (b"\x00new-8", 8, 9)
+
+
+def test_term_and_vote_are_durable_and_checked(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    j.setCurrentTerm(7, "n2")
+    j._destroy()
+    again = journal(tmp_path)
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (7, "n2")
+    meta = tmp_path / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["state"]["term"] = 6  # rolled back by hand: the checksum no longer matches
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StorageError, match="checksum"):
+        journal(tmp_path)
+    meta.write_text("{not json")
+    with pytest.raises(StorageError, match="unreadable"):
+        journal(tmp_path)
+
+
+def test_pysyncobj_journals_are_refused_with_a_way_out(tmp_path: Path) -> None:
+    (tmp_path / "journal.bin").write_bytes(b"PYSYNCOBJ" + b"\x00" * 40)
+    with pytest.raises(StorageError, match="raftkv 0.1"):
+        journal(tmp_path)
+
+
+def snapshot_at(index: int) -> pb.Snapshot:
+    snap = pb.Snapshot(entries=[pb.SnapshotEntry(key=b"k", value=b"v", version=index)])
+    snap.last_applied.CopyFrom(pb.LogEntry(command=b"\x00x", index=index, term=2))
+    snap.before_last_applied.CopyFrom(pb.LogEntry(command=b"\x00w", index=index - 1, term=2))
+    return snap
+
+
+def test_a_compacted_journal_without_its_snapshot_refuses_to_start(tmp_path: Path) -> None:
+    shard = tmp_path / "shard-3"
+    shard.mkdir()
+    j = Journal(shard / "journal.bin", MetaStore(shard / "meta.json", what="s"), what="s")
+    for i in range(899, 905):
+        j.add(b"\x00c", i, 2)
+    j._destroy()
+    with pytest.raises(StorageError) as e:
+        open_storage(shard, 3)
+    assert "shard 3" in str(e.value) and "starts at index 899" in str(e.value)
+    assert "no snapshot.bin" in str(e.value) and "must not vote or lead" in str(e.value)
+    snapfile.write_snapshot(shard / "snapshot.bin", snapshot_at(900))
+    storage = open_storage(shard, 3)
+    assert storage.snapshot is not None and storage.snapshot.last_applied.index == 900
+    storage.journal._destroy()
+    snapfile.write_snapshot(shard / "snapshot.bin", snapshot_at(500))  # too old: a gap
+    with pytest.raises(StorageError, match="only reaches index 500"):
+        open_storage(shard, 3)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "header"])
+def test_damaged_snapshots_are_named_and_refused(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "snapshot.bin"
+    snapfile.write_snapshot(path, snapshot_at(10))
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0xFF
+    elif damage == "truncate":
+        data = data[:-4]
+    elif damage == "extend":
+        data += b"\x00"
+    else:
+        data[0:8] = b"NOTSNAP!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError) as e:
+        snapfile.read_snapshot(path, "shard 1")
+    assert "shard 1" in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_received_snapshot_that_fails_its_check_never_replaces_ours(tmp_path: Path) -> None:
+    ours = tmp_path / "snapshot.bin"
+    snapfile.write_snapshot(ours, snapshot_at(10))
+    before = ours.read_bytes()
+    receiver = snapfile.SnapshotReceiver(
+        ours,
+        "shard 1",
+        transmissionBatchSize=1024,
+        tryUseFork=False,
+        serializer=lambda *_: None,
+        deserializer=lambda *_: None,
+        serializeChecker=None,
+    )
+    good = snapfile.encode(snapshot_at(20))
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    assert receiver.setTransmissionData((bytes(bad[:10]), True, False)) is False
+    assert receiver.setTransmissionData((bytes(bad[10:]), False, True)) is False
+    assert ours.read_bytes() == before
+    assert receiver.setTransmissionData((good, True, True)) is True
+    assert snapfile.read_snapshot(ours, "x").last_applied.index == 20
