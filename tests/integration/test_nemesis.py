@@ -21,9 +21,7 @@ SECURE = os.environ.get("RAFTKV_NEMESIS_SECURE", "1") == "1"
 def test_faults_under_load_lose_nothing_and_stay_linearizable(tmp_path: Path) -> None:
     logging.basicConfig(level=logging.INFO)
     faults = int(os.environ.get("RAFTKV_FAULTS", "200" if LONG else "40"))
-    report = nemesis.run(
-        tmp_path, faults=faults, max_seconds=3600 if LONG else 600, secure=SECURE
-    )
+    report = nemesis.run(tmp_path, faults=faults, max_seconds=3600 if LONG else 600, secure=SECURE)
     print(report.summary())
     assert report.check is not None
     assert not report.check.timed_out_keys, report.summary()

@@ -28,7 +28,12 @@ MESSAGES = [
         "prevLogIdx": None,
         "prevLogTerm": None,
     },
-    {"type": "append_entries", "term": 4, "commit_index": 9, "serialized": (b"x" * 10, True, False)},
+    {
+        "type": "append_entries",
+        "term": 4,
+        "commit_index": 9,
+        "serialized": (b"x" * 10, True, False),
+    },
     {"type": "append_entries", "term": 4, "commit_index": 9, "serialized": None},
     {"type": "next_node_idx", "next_node_idx": 13, "reset": False, "success": True},
     {"type": "apply_command", "command": REG + b"put"},
