@@ -102,7 +102,7 @@ def test_term_and_vote_are_durable_and_checked(tmp_path: Path) -> None:
 
 def test_pysyncobj_journals_are_refused_with_a_way_out(tmp_path: Path) -> None:
     (tmp_path / "journal.bin").write_bytes(b"PYSYNCOBJ" + b"\x00" * 40)
-    with pytest.raises(StorageError, match="raftkv 0.1"):
+    with pytest.raises(StorageError, match=r"raftkv 0\.1"):
         journal(tmp_path)
 
 
