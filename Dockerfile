@@ -37,9 +37,12 @@ COPY --from=build /opt/raftkv /opt/raftkv
 ENV PATH=/opt/raftkv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# /certs and /ca are empty mount points owned by raftkv, so that named volumes mounted there
+# start out writable by it (compose.yaml: credentials in /certs, the CA key alone in /ca).
 RUN set -eu; \
     useradd --system --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin raftkv; \
     install -d -o raftkv -g raftkv -m 0750 /data; \
+    install -d -o raftkv -g raftkv -m 0700 /certs /ca; \
     install -d -m 0755 /etc/raftkv
 USER raftkv
 WORKDIR /data

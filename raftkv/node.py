@@ -219,16 +219,13 @@ class Node:
         if problems:
             for st in storages.values():
                 st.journal._destroy()
-            raise StorageError(
-                f"refusing to start node {self.id}: "
-                + "; ".join(problems)
-                + (
-                    ""
-                    if self.settings.recover_from_peers
-                    else " (to rebuild the broken replicas from their peers, which keeps the "
-                    "broken files aside: raftkv serve --recover-from-peers)"
-                )
+            hint = (
+                ""
+                if self.settings.recover_from_peers or "--recover-from-peers" in problems[0]
+                else " (to rebuild the broken replicas from their peers, which keeps the "
+                "broken files aside: raftkv serve --recover-from-peers)"
             )
+            raise StorageError(f"refusing to start node {self.id}: " + "; ".join(problems) + hint)
         return storages
 
     def _check_data_dir(self) -> bool:

@@ -67,7 +67,7 @@ from raftkv.errors import (
     StorageError,
     Unavailable,
 )
-from raftkv.raft.journal import Journal, JournalWriteError, MetaWriteError
+from raftkv.raft.journal import RECORD_OVERHEAD, Journal, JournalWriteError, MetaWriteError
 from raftkv.raft.link import LinkLimits, LinkSecurity
 from raftkv.raft.snapshot import SnapshotReceiver, read_snapshot, write_snapshot
 from raftkv.raft.storage import ReplicaStorage
@@ -94,6 +94,8 @@ MAX_COMMAND_BYTES = 16 * 1024 * 1024
 APPEND_BATCH_BYTES = 1024 * 1024
 # Proposals waiting in pysyncobj's queue per shard; more are refused (RESOURCE_EXHAUSTED).
 COMMAND_QUEUE_SIZE = 20_000
+# Journal space a write must leave free: followers' appends and read barriers use it.
+WRITE_HEADROOM_BYTES = 256 * 1024
 # After a failed append, writes are refused this long before the next one is tried.
 WRITE_ERROR_HOLD_S = 1.0
 # Calls queued for the Raft thread (leadership transfers, digests).
@@ -547,14 +549,9 @@ class ShardReplica:
     def storage_failed(self, error: StorageError) -> None:
         """The disk failed this replica (on the Raft thread)."""
         if isinstance(error, JournalWriteError) and not isinstance(error, MetaWriteError):
-            first = self._write_error is None
             self._write_error = (time.monotonic(), error)
-            if first:
-                log.error(
-                    "shard %d: %s; refusing writes until appends succeed again",
-                    self.shard_id,
-                    error,
-                )
+            if self._throttle.allow("write-error"):
+                log.error("%s; refusing writes until appends succeed again", error)
             if self._group._isLeader():
                 # Let a replica with a working disk lead; best effort.
                 self._group.transferLeadership(None, None)
@@ -568,7 +565,7 @@ class ShardReplica:
         if self._failed:
             return
         self._failed = f"replica stopped: {error}; fix the disk and restart the node"
-        log.critical("shard %d: %s", self.shard_id, self._failed)
+        log.critical("%s", self._failed)
         self._transport.destroy()  # peers now see this replica as gone; they elect without it
         self._refresh_info_failed()
         self._settle_inflight(Unavailable(f"shard {self.shard_id}: {self._failed}"))
@@ -742,7 +739,9 @@ class ShardReplica:
             cls = NoSpace if error.no_space else Unavailable
             raise cls(f"{error}; writes are refused until it succeeds again")
 
-    async def propose(self, data: bytes, timeout: float) -> tuple[pb.CommandResult, int]:
+    async def propose(
+        self, data: bytes, timeout: float, *, headroom: int = WRITE_HEADROOM_BYTES
+    ) -> tuple[pb.CommandResult, int]:
         """Replicate one command; return its result and the log index it applied at."""
         if not self.is_leader:
             raise self.not_leader()
@@ -751,6 +750,12 @@ class ShardReplica:
                 f"command of {len(data)} bytes; the limit is {MAX_COMMAND_BYTES} bytes"
             )
         self._check_writable()
+        if not self._journal.ensure_room(len(data) + RECORD_OVERHEAD + headroom):
+            # Refused before it entered the log: certainly not applied, nothing in doubt.
+            raise NoSpace(
+                f"shard {self.shard_id}: no space left on the data disk for "
+                f"{self._journal.path}; writes are refused until space is freed"
+            )
         loop = asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[tuple[pb.CommandResult, int]] = loop.create_future()
@@ -798,7 +803,7 @@ class ShardReplica:
         while self._barrier_waiters:
             batch, self._barrier_waiters = self._barrier_waiters, []
             try:
-                _, index = await self.propose(command.BARRIER, timeout)
+                _, index = await self.propose(command.BARRIER, timeout, headroom=0)
             except RaftKVError as e:
                 for f in batch:
                     if not f.done():

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # The failover story on the compose cluster (compose.yaml), narrated and checked:
 #
-#   1. docker compose up -d --wait: three healthy nodes, 8 shards, 3 replicas each
-#   2. write N keys (one client process, concurrent puts) and show the cluster status
-#   3. docker compose kill the container that leads the most shards
-#   4. time how long until a write succeeds on every shard again (must be <= 10 s)
-#   5. show the new leaders, read every key back (all present and equal), write N more
-#   6. docker compose start the killed node and wait until every shard's replicas agree
-#   7. read all 2N keys back; docker compose down -v on exit, also on failure
+#   1. docker compose up -d --wait: the certs service makes the credentials, then three healthy
+#      nodes, 8 shards, 3 replicas each
+#   2. the protections hold: no node container holds the CA key; plaintext gRPC fails; a call
+#      over TLS without a token, or with a token signed by another key, is UNAUTHENTICATED; a
+#      `read` token can Get but not Put (PERMISSION_DENIED); the Raft port refuses a TLS client
+#      without a node certificate
+#   3. write N keys (one client process, concurrent puts) and show the cluster status
+#   4. docker compose kill the container that leads the most shards
+#   5. time how long until a write succeeds on every shard again (must be <= 10 s)
+#   6. show the new leaders, read every key back (all present and equal), write N more
+#   7. docker compose start the killed node and wait until every shard's replicas agree
+#   8. read all 2N keys back; docker compose down -v on exit, also on failure
+#
+# Every client here runs inside a node container the way an operator would: over TLS with the
+# cluster CA and with the admin token, both named by the container's environment
+# (RAFTKV_CACERT, RAFTKV_TOKEN_FILE; see compose.yaml).
 #
 # Usage: scripts/failover-demo.sh [N]     (N keys, default 100; or RAFTKV_DEMO_KEYS)
 # Needs a Docker engine with compose v2 and the image raftkv:local (see compose.yaml).
@@ -57,21 +66,33 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Python run inside a node container (the image has raftkv, grpc and python on PATH).
-# `kvpy SVC SCRIPT ARGS...` runs SCRIPT with `python -c` in service SVC.
+# `kvpy SVC SCRIPT ARGS...` runs PY_CLIENT then SCRIPT with `python -c` in service SVC.
 kvpy() {
   local svc="$1" script="$2"
   shift 2
-  compose exec -T "$svc" python -c "$script" "$@"
+  compose exec -T "$svc" python -c "$PY_CLIENT$script" "$@"
 }
+
+# Prepended to every script: client(endpoints, ...) is a raftkv Client that verifies the nodes
+# with the cluster CA and sends the admin token, both found through the container's environment.
+PY_CLIENT='
+import os
+from pathlib import Path
+from raftkv import Client
+from raftkv.network import ClientTLS
+CACERT = Path(os.environ["RAFTKV_CACERT"])
+ADMIN_TOKEN = Path(os.environ["RAFTKV_TOKEN_FILE"]).read_text().strip()
+def client(endpoints, token=ADMIN_TOKEN, **kwargs):
+    return Client(endpoints, tls=ClientTLS(cacert=CACERT), token=token, **kwargs)
+'
 
 # Writes keys demo-<i> = <tag>-<i> for i in [start, start+count), 32 in flight at a time.
 PY_WRITE='
 import asyncio, sys
-from raftkv import Client
 endpoints, start, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 async def main():
     sem = asyncio.Semaphore(32)
-    async with Client(endpoints, timeout=30) as c:
+    async with client(endpoints, timeout=30) as c:
         async def put(i):
             async with sem:
                 await c.put(f"demo-{i}".encode(), f"{tag}-{i}".encode())
@@ -84,12 +105,12 @@ print(f"wrote demo-{start} .. demo-{start + count - 1} ({count} keys)")
 # split, v2-<i> from split on. Prints a one-line summary; exits 1 on any missing or wrong value.
 PY_READ='
 import asyncio, sys
-from raftkv import Client, KeyNotFound
+from raftkv import KeyNotFound
 endpoints, count, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 async def main():
     sem = asyncio.Semaphore(32)
     bad = []
-    async with Client(endpoints, timeout=30) as c:
+    async with client(endpoints, timeout=30) as c:
         async def check(i):
             want = (f"v1-{i}" if i < split else f"v2-{i}").encode()
             async with sem:
@@ -112,7 +133,6 @@ sys.exit(1 if bad else 0)
 # succeeds or the deadline passes. Prints the seconds it took inside the container.
 PY_PROBE='
 import asyncio, sys, time
-from raftkv import Client
 from raftkv.ring import Ring
 endpoints, shards, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ring, keys, i = Ring(shards), {}, 0
@@ -122,7 +142,7 @@ while len(keys) < shards:
     i += 1
 start = time.monotonic()
 async def main():
-    async with Client(endpoints, timeout=deadline) as c:
+    async with client(endpoints, timeout=deadline) as c:
         await asyncio.gather(*(c.put(k, b"after-failover") for k in keys.values()))
 asyncio.run(main())
 print(f"every shard ({shards}) accepted a write after {time.monotonic() - start:.2f}s in the client")
@@ -186,6 +206,124 @@ elif what == "caught-up":
 '
 status_fact() { python3 -c "$PY_STATUS" "$@"; }
 
+# The protections, one case per call. Prints what it saw, one line per probe, and exits 0 only
+# if that is what a secured cluster must do:
+#   tls HOST:PORT,...            plaintext gRPC fails; over TLS with the CA, and no token, the
+#                                health service answers SERVING (so the failure is the plaintext)
+#   no-token ENDPOINTS           a Get over TLS without a token: UNAUTHENTICATED
+#   forged ENDPOINTS             a Get with an admin token signed by another key: UNAUTHENTICATED
+#   read-role ENDPOINTS TOKEN    the admin token Puts a key; TOKEN (role read) Gets it back, and
+#                                its own Put is PERMISSION_DENIED
+#   raft HOST:PORT,...           the Raft port presents the certificate of node HOST and refuses
+#                                a TLS client that has no certificate
+PY_SECURITY='
+import asyncio, socket, ssl, sys
+import grpc
+from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg
+from raftkv.auth import Role, generate_key, mint_token
+from raftkv.errors import RaftKVError, status_for
+case, target = sys.argv[1], sys.argv[2]
+KEY, VALUE = b"demo-auth", b"written-with-the-admin-token"
+
+def health(channel):
+    """(answered, the serving status or the gRPC code of the failure)"""
+    try:
+        r = hg.HealthStub(channel).Check(h.HealthCheckRequest(service=""), timeout=5)
+        return True, h.HealthCheckResponse.ServingStatus.Name(r.status)
+    except grpc.RpcError as e:
+        return False, e.code().name
+
+def attempt(token, op):
+    """How one Put or Get of KEY with token ends: OK, or the gRPC code of its error."""
+    async def go():
+        async with client(target, token=token, timeout=5) as c:
+            if op == "put":
+                await c.put(KEY, VALUE)
+                return "OK"
+            got = (await c.get(KEY)).value
+            return "OK" if got == VALUE else f"OK, but it read {got!r}"
+    try:
+        return asyncio.run(go())
+    except RaftKVError as e:
+        return status_for(e).name
+
+def refused_without_cert(host, port):
+    """Whether a TLS client with no certificate is turned away, and how. TLS 1.3 only: the
+    handshake completes on our side (the node certificate verified), then the server checks
+    our empty certificate and its refusal arrives as an alert on the first read. A port
+    without TLS fails the handshake, and counts as not refusing."""
+    ctx = ssl.create_default_context(cafile=str(CACERT))  # no client certificate
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        raw = socket.create_connection((host, port), timeout=5)
+    except OSError as e:
+        return False, f"cannot connect: {e}"
+    with raw:
+        try:
+            s = ctx.wrap_socket(raw, server_hostname=host)
+        except (ssl.SSLError, OSError) as e:
+            return False, f"no TLS 1.3 handshake: {e}"
+        with s:
+            uris = [v for k, v in s.getpeercert().get("subjectAltName", ()) if k == "URI"]
+            if uris != [f"raftkv://node/{host}"]:
+                return False, f"its certificate names {uris}, not raftkv://node/{host}"
+            try:
+                data = s.recv(1)
+            except ssl.SSLError as e:
+                return True, f"refused after the handshake ({e.reason or e})"
+            except ConnectionResetError:
+                return True, "refused after the handshake (connection reset)"
+            except TimeoutError:
+                return False, "accepted: it waited 5s for our first Raft frame"
+    if data:
+        return False, f"accepted: it sent {data!r}"
+    return True, "refused after the handshake (connection closed)"
+
+good = True
+if case == "tls":
+    creds = grpc.ssl_channel_credentials(root_certificates=CACERT.read_bytes())
+    for ep in target.split(","):
+        plain = health(grpc.insecure_channel(ep))
+        tls = health(grpc.secure_channel(ep, creds))
+        print(f"{ep}: plaintext -> {plain[1]}; TLS with the CA, no token -> {tls[1]}")
+        good &= not plain[0] and tls == (True, "SERVING")
+elif case == "no-token":
+    got = attempt(None, "get")
+    print(f"Get over TLS without a token -> {got}")
+    good = got == "UNAUTHENTICATED"
+elif case == "forged":
+    got = attempt(mint_token(generate_key(), "intruder", Role.ADMIN), "get")
+    print(f"Get with an admin token signed by another key -> {got}")
+    good = got == "UNAUTHENTICATED"
+elif case == "read-role":
+    admin_put, read_get, read_put = (
+        attempt(ADMIN_TOKEN, "put"), attempt(sys.argv[3], "get"), attempt(sys.argv[3], "put")
+    )
+    print(f"Put with the admin token -> {admin_put}")
+    print(f"Get with the read token -> {read_get}")
+    print(f"Put with the read token -> {read_put}")
+    good = (admin_put, read_get, read_put) == ("OK", "OK", "PERMISSION_DENIED")
+elif case == "raft":
+    for ep in target.split(","):
+        host, port = ep.rsplit(":", 1)
+        refused, how = refused_without_cert(host, int(port))
+        print(f"{ep}: TLS client without a certificate -> {how}")
+        good &= refused
+else:
+    sys.exit(f"unknown case {case}")
+sys.exit(0 if good else 1)
+'
+
+# `check SVC WHAT CASE ARGS...`: runs PY_SECURITY CASE ARGS in service SVC, shows what it saw,
+# and reports WHAT as OK if that is what a secured cluster must do, else as FAIL.
+check() {
+  local svc="$1" what="$2" out rc=0
+  shift 2
+  out=$(kvpy "$svc" "$PY_SECURITY" "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | sed 's/^/    /'
+  if [ "$rc" = 0 ]; then ok "$what"; else fail "$what"; fi
+}
+
 T_START=$(now)
 
 say "Starting the cluster: docker compose up -d --wait (3 nodes, 8 shards, 3 replicas each)"
@@ -209,6 +347,34 @@ say "Each node binds gRPC (7001) and Raft (7101) to the address of its service n
 for s in "${SERVICES[@]}"; do
   kvpy "$s" "$PY_LISTEN" "$s" || fail "$s does not listen where its cluster file entry says"
 done
+
+say "Credentials: made once by the certs service; every node mounts them read-only, without the CA key"
+compose logs --no-color certs
+mounts_ok=1
+for s in "${SERVICES[@]}"; do
+  if compose exec -T "$s" sh -c \
+    'test -r /certs/ca.crt && test -r /certs/admin.token && test ! -e /certs/ca.key && ! touch /certs/.w 2>/dev/null'; then
+    printf '    %s: /certs readable, read-only, no ca.key\n' "$s"
+  else
+    fail "$s: /certs is not readable, is writable, or holds the CA key"
+    mounts_ok=0
+  fi
+done
+[ "$mounts_ok" = 0 ] || ok "no node container holds the CA key, and /certs is read-only in each"
+
+say "TLS on the gRPC port: plaintext calls fail; over TLS with the CA the health service answers"
+check n1 "every gRPC port refuses plaintext and serves TLS" tls "$ENDPOINTS"
+
+say "Bearer tokens: over TLS, a call without a token or with a forged one is UNAUTHENTICATED"
+check n1 "a call without a token is refused" no-token "$ENDPOINTS"
+check n1 "a token signed by another key is refused" forged "$ENDPOINTS"
+
+say "Roles: raftkv auth mint --key-file /certs/auth.key --name demo-reader --role read"
+READ_TOKEN=$(compose exec -T n1 raftkv auth mint --key-file /certs/auth.key --name demo-reader --role read)
+check n1 "a read token can Get but not Put" read-role "$ENDPOINTS" "$READ_TOKEN"
+
+say "Mutual TLS on the Raft port: a TLS client without a node certificate is turned away"
+check n1 "every Raft port refuses a TLS client without a certificate" raft "n1:7101,n2:7101,n3:7101"
 
 say "Writing $KEYS keys through all three nodes (one client, concurrent puts)"
 t=$(now)

@@ -16,9 +16,12 @@ implements the same pysyncobj ``Journal`` interface with:
   number, its offset and index, and the node refuses to start. Only a record cut short at the
   very end of the file (a write torn by a crash, never acknowledged under fsync) is dropped, with
   a warning that says what was dropped.
-* **Plain ``write()`` appends**: a full disk is an ``OSError`` (ENOSPC) that fails the append
-  cleanly (the partial record is cut off again) and surfaces as
-  :class:`JournalWriteError`; the caller refuses writes until space is back.
+* **Plain ``write()`` appends into preallocated space**: :meth:`Journal.ensure_room` keeps a
+  few MiB allocated ahead (``posix_fallocate``), so a full disk shows up there, *before* a
+  proposal enters the log, and the proposal is refused cleanly (RESOURCE_EXHAUSTED). An
+  append that still hits a full disk (a follower, or a race) fails as
+  :class:`JournalWriteError` with the partial record cut off again. Zeros after the last
+  record are that preallocated space (or data a crash never wrote), not corruption.
 * **Compaction writes a new file and renames it** over the old one (fsyncing the new file and
   the directory), so a crash at any point leaves one complete journal.
 * **Group commit**: :meth:`Journal.sync` is one ``fsync`` for everything appended since the
@@ -59,6 +62,8 @@ RECORD_OVERHEAD = _RECORD.size + _ENTRY.size
 # A record claiming more than this is corrupt, whatever its checksum says (a command is
 # capped far below it).
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+# Space allocated ahead of the appends, in one go.
+PREALLOCATE_BYTES = 4 * 1024 * 1024
 _OLD_PYSYNCOBJ_MAGIC = b"PYSYNCOBJ"
 
 Entry = tuple[bytes, int, int]  # (command, index, term): pysyncobj's log entry shape
@@ -82,6 +87,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _zeros_from(data: bytes, offset: int) -> bool:
+    return data.count(0, offset) == len(data) - offset
 
 
 def _record(command: bytes, index: int, term: int) -> bytes:
@@ -108,9 +117,10 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self.repaired = ""  # what opening dropped, if anything (for the log)
         self._fd = -1
         self._size = HEADER_BYTES
+        self._allocated = HEADER_BYTES  # file size, preallocated space included
         self._unsynced = False
-        self.existed = path.exists() and path.stat().st_size > HEADER_BYTES
         self._open()
+        self.existed = bool(self._entries)
         self._synced_index = self.last_index
 
     # -- opening and checking ------------------------------------------------------------------
@@ -126,9 +136,12 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             raise StorageError(f"{self._what}: cannot read {self.path}: {e}") from e
         self._parse(data)
         self._fd = os.open(self.path, os.O_RDWR)
-        if self._size != len(data):
+        self._allocated = len(data)
+        if self.repaired:
+            # Cut the torn bytes off: appends must start on clean space.
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
+            self._allocated = self._size
 
     def _create(self, path: Path) -> None:
         with open(path, "wb") as f:
@@ -154,6 +167,8 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         n = 0
         while off < len(data):
             n += 1
+            if _zeros_from(data, off):
+                break  # preallocated space, or appends a crash never wrote: the log ends here
             remaining = len(data) - off
             if remaining < _RECORD.size:
                 self._torn(where, n, off, len(data))
@@ -170,12 +185,15 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             start = off + _RECORD.size
             payload = data[start : start + size]
             if zlib.crc32(payload) != crc:
-                at_end = start + size == len(data)
+                if _zeros_from(data, start + size):
+                    # The last record written, and it does not check: a write torn by a
+                    # crash (under fsync it was never acknowledged).
+                    self._torn(where, n, off, len(data))
+                    break
                 raise StorageError(
-                    f"{where}: record {n} at offset {off} fails its checksum"
-                    + (" (it is the last record: a write torn by a crash?)" if at_end else "")
-                    + "; refusing to serve possibly corrupt data. Rebuild this replica from "
-                    "its peers: raftkv serve --recover-from-peers"
+                    f"{where}: record {n} at offset {off} fails its checksum; refusing to "
+                    "serve possibly corrupt data. Rebuild this replica from its peers: "
+                    "raftkv serve --recover-from-peers"
                 )
             index, term = _ENTRY.unpack_from(payload, 0)
             if previous is not None and (index != previous[1] + 1 or term < previous[2]):
@@ -193,9 +211,9 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
 
     def _torn(self, where: str, n: int, off: int, file_size: int) -> None:
         self.repaired = (
-            f"{where}: record {n} at offset {off} is cut short by the end of the file "
-            f"({file_size - off} bytes: a write torn by a crash); dropped it and "
-            "continue from the record before, which the leader will re-send"
+            f"{where}: record {n} at offset {off} is cut short or does not check, and "
+            "nothing follows it (a write torn by a crash); dropped it and continue from the "
+            "record before, which the leader will re-send"
         )
         log.warning("%s", self.repaired)
 
@@ -215,7 +233,29 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._entries.append((command, idx, term))
         self._offsets.append(self._size)
         self._size += len(record)
+        self._allocated = max(self._allocated, self._size)
         self._unsynced = True
+
+    def ensure_room(self, nbytes: int) -> bool:
+        """Make sure ``nbytes`` can be appended without the disk filling up; False if not.
+
+        Called from the proposing thread: only ever grows the allocation, which appends on the
+        Raft thread then write into.
+        """
+        if self._allocated - self._size >= nbytes:
+            return True
+        grow = max(PREALLOCATE_BYTES, nbytes)
+        try:
+            os.posix_fallocate(self._fd, self._allocated, grow)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._allocated = 1 << 62  # no preallocation here: appends find out themselves
+                return True
+            return False
+        self._allocated += grow
+        return True
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)
@@ -224,9 +264,9 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             while written < len(view):
                 written += os.pwrite(self._fd, view[written:], self._size + written)
         except OSError as e:
-            # Cut the partial record off again, so the file still ends on a record boundary.
+            # Cut the partial record off again (zeros: the end of the log, see _parse).
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
+                os.pwrite(self._fd, bytes(written), self._size)
             raise JournalWriteError(
                 f"{self._what}: cannot append to {self.path}: {_describe_os_error(e)}",
                 no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
@@ -255,7 +295,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             ) from e
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
-        self._size = new_size
+        self._size = self._allocated = new_size
         self._unsynced = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:
@@ -294,7 +334,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._fd = fd
         self._entries = list(entries)
         self._offsets = offsets
-        self._size = size
+        self._size = self._allocated = size
         self._unsynced = False
         self._synced_index = self.last_index
 

@@ -77,7 +77,7 @@ def _check_whole(
             f"is missing or empty: {lost}"
         )
     reaches = max(journal.last_index, covered)
-    if meta.commit_index > reaches:
+    if meta.existed and meta.commit_index > reaches:
         raise StorageError(
             f"{what}: this replica had recorded commit index {meta.commit_index} but its "
             f"journal and snapshot only reach index {reaches}: {lost}"

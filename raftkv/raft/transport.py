@@ -461,7 +461,11 @@ class MuxTransport:
         claimed = self._peers.get(link.peer_id or link.expected_peer)
         if claimed is not None and claimed.link is None:
             claimed.problem = reason  # why the last attempt failed, for status
-        if reason.startswith("handshake refused") or "before authentication" in reason:
+        if reason not in ("node stopping", "the peer closed the connection") and not (
+            reason.startswith("connect to") or reason.startswith("refused by the peer")
+        ):
+            # A connection that never authenticated: say why (a stranger, a misconfigured
+            # node, a certificate problem), throttled because strangers choose how often.
             who = link.peer_id or link.expected_peer or "an unauthenticated peer"
             direction = "to" if link.dialer else "from"
             key = f"reject:{who}:{reason[:40]}"

@@ -49,6 +49,7 @@ def encode_ping() -> bytes:
 
 def encode_peer_state(shard_terms: dict[int, int]) -> bytes:
     frame = pb.RaftFrame()
+    frame.peer_state.SetInParent()  # an empty map must still say "peer state"
     frame.peer_state.shard_terms.update(shard_terms)
     return frame.SerializeToString()
 

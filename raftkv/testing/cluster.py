@@ -155,7 +155,7 @@ class LocalCluster:
             self.wait_leaders(timeout)
         return self
 
-    def command(self, node_id: str) -> list[str]:
+    def command(self, node_id: str, args: tuple[str, ...] = ()) -> list[str]:
         n = self.nodes[node_id]
         return [
             sys.executable,
@@ -172,9 +172,13 @@ class LocalCluster:
             str(n.log_dir),
             *(self.credentials.serve_args(node_id) if self.credentials else ()),
             *self.extra_args,
+            *args,
         ]
 
-    def start_node(self, node_id: str, wait: bool = True, timeout: float = 30.0) -> None:
+    def start_node(
+        self, node_id: str, wait: bool = True, timeout: float = 30.0, args: tuple[str, ...] = ()
+    ) -> None:
+        """Start one node; ``args`` go to this start only (``--recover-from-peers``...)."""
         n = self.nodes[node_id]
         if n.running:
             raise RuntimeError(f"node {node_id} is already running (pid {n.pid})")
@@ -182,7 +186,7 @@ class LocalCluster:
         out = open(n.log_dir / f"{node_id}.stdout", "ab")  # noqa: SIM115 - owned by the child
         env = {**os.environ, "RAFTKV_DIE_WITH_PARENT": "1", **(self.env or {})}
         n.process = subprocess.Popen(
-            self.command(node_id), stdout=out, stderr=subprocess.STDOUT, env=env
+            self.command(node_id, args), stdout=out, stderr=subprocess.STDOUT, env=env
         )
         out.close()
         n.paused = False

@@ -11,6 +11,7 @@ from raftkv.errors import StorageError
 from raftkv.raft import snapshot as snapfile
 from raftkv.raft.journal import HEADER_BYTES, Journal, MetaStore
 from raftkv.raft.storage import open_storage
+from raftkv.testing.files import record_offsets
 
 
 def journal(tmp_path: Path) -> Journal:
@@ -60,6 +61,37 @@ def test_a_torn_last_record_is_dropped_with_a_warning(
     j.add(b"\x00again", 5, 2)  # appends continue at the right place
     j._destroy()
     assert [e[0] for e in journal(tmp_path)][-1] == b"\x00again"
+
+
+def test_zeros_after_the_last_record_end_the_log_quietly(tmp_path: Path) -> None:
+    filled(tmp_path)._destroy()
+    path = tmp_path / "journal.bin"
+    path.write_bytes(path.read_bytes() + b"\0" * 4096)  # preallocated, or never written
+    j = journal(tmp_path)
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5] and not j.repaired
+    j.add(b"\x00six", 6, 2)  # written into the zeros
+    j._destroy()
+    assert [e[1] for e in journal(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_last_record_that_does_not_check_before_zeros_is_a_torn_write(tmp_path: Path) -> None:
+    filled(tmp_path)._destroy()
+    path = tmp_path / "journal.bin"
+    offset, _ = record_offsets(path)[-1]
+    data = bytearray(path.read_bytes() + b"\0" * 512)
+    data[offset + 25] ^= 0xFF  # the last record was half written over preallocated zeros
+    path.write_bytes(bytes(data))
+    j = journal(tmp_path)
+    assert [e[1] for e in j] == [1, 2, 3, 4] and "record 5" in j.repaired
+
+
+def test_room_is_preallocated_ahead_of_appends(tmp_path: Path) -> None:
+    j = filled(tmp_path, 2)
+    assert j.ensure_room(1000)
+    size = (tmp_path / "journal.bin").stat().st_size
+    assert size >= 4 * 1024 * 1024  # one chunk ahead
+    assert j.ensure_room(10)  # no new allocation needed
+    assert (tmp_path / "journal.bin").stat().st_size == size
 
 
 def test_out_of_order_indexes_are_corruption(tmp_path: Path) -> None:

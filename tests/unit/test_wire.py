@@ -105,3 +105,5 @@ def test_ping_and_peer_state() -> None:
     assert wire.decode(wire.encode_ping())[0] == "ping"
     kind, _, terms = wire.decode(wire.encode_peer_state({0: 5, 3: 9}))
     assert kind == "peer_state" and terms == {0: 5, 3: 9}
+    # a node whose replicas are all recovering reports nothing, and that is still valid
+    assert wire.decode(wire.encode_peer_state({})) == ("peer_state", 0, {})
