@@ -27,10 +27,11 @@ _LOG_INTERVAL_S = 10.0
 class Admission:
     """Counts RPCs in flight; :meth:`try_enter` is False once ``limit`` are running."""
 
-    def __init__(self, limit: int, *, retry_after_ms: int = 50) -> None:
+    def __init__(self, limit: int, *, what: str = "requests", retry_after_ms: int = 50) -> None:
         if limit < 1:
             raise ValueError("the concurrent RPC limit must be at least 1")
         self.limit = limit
+        self.what = what
         self.retry_after_ms = retry_after_ms
         self.inflight = 0
         self.refused_total = 0
@@ -44,12 +45,12 @@ class Admission:
             now = time.monotonic()
             if now - self._last_log >= _LOG_INTERVAL_S:
                 log.warning(
-                    "overloaded: %d RPCs in flight (limit %d); refused %d with "
-                    "RESOURCE_EXHAUSTED in the last %.0fs",
+                    "overloaded: %d %s in flight (limit %d); refused %d with "
+                    "RESOURCE_EXHAUSTED since the last report",
                     self.inflight,
+                    self.what,
                     self.limit,
                     self._refused_since_log,
-                    min(now - self._last_log, _LOG_INTERVAL_S) if self._last_log else 0.0,
                 )
                 self._last_log = now
                 self._refused_since_log = 0
@@ -62,7 +63,7 @@ class Admission:
 
     def refusal(self) -> Overloaded:
         return Overloaded(
-            f"node overloaded: {self.inflight} requests in flight (limit {self.limit}); "
+            f"node overloaded: {self.inflight} {self.what} in flight (limit {self.limit}); "
             f"retry after {self.retry_after_ms} ms"
         )
 

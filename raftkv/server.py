@@ -64,6 +64,8 @@ log = logging.getLogger("raftkv.server")
 KV_SERVICE = "raftkv.v1.KV"
 CLUSTER_SERVICE = "raftkv.v1.Cluster"
 _CONSISTENCIES = frozenset(kv.Consistency.values())
+# Requests received but not yet handed to a handler (see server_options).
+MAX_PENDING_REQUESTS = 25_000
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -105,15 +107,28 @@ Handler = Callable[[Any, Context, Caller], Awaitable[Any]]
 
 
 class Guard:
-    """Admission, authentication and error translation, wrapped around each handler once."""
+    """Admission, authentication and error translation, wrapped around each handler once.
 
-    def __init__(self, node: Node, authenticator: Authenticator | None, admission: Admission):
+    Requests forwarded by other nodes are admitted from a pool of their own: they were
+    admitted once already, at the node the client called, and must not crowd out this node's
+    own clients (nor be crowded out by them).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        authenticator: Authenticator | None,
+        clients: Admission,
+        forwarded: Admission,
+    ) -> None:
         self.node = node
         self.authenticator = authenticator if authenticator and authenticator.enabled else None
-        self.admission = admission
+        self.clients = clients
+        self.forwarded = forwarded
         self._own_forward = ((FORWARDED_METADATA, node.id),)
 
-    def _caller(self, context: Context, method: str) -> Caller:
+    @staticmethod
+    def _read_metadata(context: Context) -> tuple[str, bool]:
         token = ""
         forwarded = False
         for key, value in context.invocation_metadata() or ():
@@ -121,6 +136,9 @@ class Guard:
                 token = str(value)
             elif key == FORWARDED_METADATA:
                 forwarded = True
+        return token, forwarded
+
+    def _caller(self, token: str, forwarded: bool, method: str) -> Caller:
         forward = self._own_forward + (((AUTHORIZATION, token),) if token else ())
         if self.authenticator is None:
             return Caller(None, forward, forwarded)
@@ -134,8 +152,6 @@ class Guard:
         return Caller(identity, forward, forwarded)
 
     def wrap(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
-        admission = self.admission
-
         async def handle(request: Any, context: Context) -> Any:
             if isinstance(request, Malformed):
                 await context.abort(
@@ -143,13 +159,15 @@ class Guard:
                     f"malformed request: {request.size} bytes that do not parse as "
                     f"{request.message_type}",
                 )
+            token, forwarded = self._read_metadata(context)
+            admission = self.forwarded if forwarded else self.clients
             if not admission.try_enter():
                 context.set_trailing_metadata(
                     ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
                 )
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admission.refusal()))
             try:
-                return await fn(request, context, self._caller(context, method))
+                return await fn(request, context, self._caller(token, forwarded, method))
             except RaftKVError as e:
                 if isinstance(e, Unavailable):
                     if e.leader and not e.leader_endpoint:
@@ -604,7 +622,15 @@ def server_options(node: Node) -> list[tuple[str, int | str]]:
         # New connections beyond this are closed at once: file descriptors stay available
         # for the journals and the Raft port whatever a client does.
         ("grpc.max_allowed_incoming_connections", limits.max_grpc_connections),
-        ("grpc.max_concurrent_streams", limits.max_concurrent_rpcs),
+        # Requests grpc has received but the application has not picked up yet. grpc's
+        # defaults (1,000; 3,000 hard) cancel a burst beyond them before our admission check
+        # sees it: clients got CANCELLED, with nothing logged. The admission check is cheap,
+        # so let bursts reach it and be answered RESOURCE_EXHAUSTED with a retry hint.
+        # (A per-connection stream limit is left unset for the same reason: HTTP/2 refuses
+        # the streams of a burst opened before its SETTINGS arrive, and clients see
+        # UNAVAILABLE.)
+        ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_REQUESTS),
         # A connection must finish its HTTP/2 (and TLS) handshake quickly, and an idle one is
         # closed (clients reconnect transparently).
         ("grpc.server_handshake_timeout_ms", 10_000),
@@ -619,7 +645,16 @@ async def serve(
 ) -> None:
     """Run ``node``'s gRPC front end until SIGTERM or SIGINT."""
     server = grpc.aio.server(options=server_options(node))
-    guard = Guard(node, authenticator, Admission(node.settings.limits.max_concurrent_rpcs))
+    limit = node.settings.limits.max_concurrent_rpcs
+    guard = Guard(
+        node,
+        authenticator,
+        clients=Admission(limit, what="client requests"),
+        # Every other node may forward up to its own client limit here.
+        forwarded=Admission(
+            limit * max(1, len(node.cluster.nodes) - 1), what="requests forwarded by nodes"
+        ),
+    )
     register(server, guard, KV_SERVICE, KVService(node).methods())
     register(server, guard, CLUSTER_SERVICE, ClusterService(node).methods())
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
