@@ -2,22 +2,33 @@
 
 Architecture map (see DESIGN.md for the long form)::
 
-    client ──gRPC──▶ any node: server.py   validate → node → one error→status table
+    client ──gRPC (TLS)──▶ any node: server.py   safe decode → Guard → handler → node
+                        │  admission.py   bounded RPCs in flight; Gate for expensive calls
+                        │  auth.py        bearer tokens → identity → role (read/readwrite/admin)
                         │  ring.py        key   → shard      (mmh3, virtual nodes)
                         │  placement.py   shard → replicas   (deterministic from the file)
-                        │  node.py        leader here? run it : forward once to the leader
+                        │  node.py        leader here? run it : forward once (caller's token);
+                        │                 opens and checks every replica's files at start-up
                         ▼
                      shard.py  ShardReplica: the only pysyncobj user; asyncio ⇄ Raft thread
                         │       RaftDriver: one thread ticks every group of the node
-                        ├─ transport.py    one Raft port, frames tagged by shard id
+                        ├─ raft/        the Raft port and the replica's files (see its map):
+                        │               wire (protobuf frames, never pickle), handshake (peer
+                        │               proof / mTLS), link (limits, TLS), transport (mux),
+                        │               journal + snapshot + storage (checksummed, checked)
                         └─ statemachine.py pure KV map + dedup; command.py is its log format
 
+    networking:  network.py   every gRPC channel, credential and Raft TLS context
+                 certs.py     CA, node and client certificates; credentials.py ties certs,
+                              the cluster secret and tokens into serve flags
     client side: client.py  ring + leader cache, retries with backoff, bulk calls
                  batcher.py concurrent puts/gets of one client share one bulk RPC per node
 
-    tools:       cli.py (serve, client, local up, demo, bench), demo.py, bench.py
-    testing/:    cluster.py LocalCluster of real processes; nemesis.py faults under load;
-                 history.py + linearizability.py record and check histories
+    tools:       cli.py (serve, client, certs, auth, local up, demo, bench), demo.py, bench.py
+    testing/:    cluster.py LocalCluster of real processes (plain or secure); nemesis.py
+                 faults under load; history.py + linearizability.py check histories;
+                 files.py reads journal layouts for storage fault tests
+    throttle.py: log lines the outside world can trigger are rate-limited
 
 Public API: :class:`Client` / :class:`SyncClient`, the errors in :mod:`raftkv.errors`, and the
 configuration types in :mod:`raftkv.config`. Test helpers live in :mod:`raftkv.testing`.
@@ -29,29 +40,39 @@ from raftkv.errors import (
     ClusterMismatch,
     InvalidArgument,
     KeyNotFound,
+    NoSpace,
     NotLeader,
     Overloaded,
+    PermissionDenied,
     PreconditionFailed,
     ProposalTimeout,
     RaftKVError,
+    StorageError,
+    Unauthenticated,
     Unavailable,
 )
+from raftkv.network import ClientTLS
 
 __all__ = [
     "Client",
+    "ClientTLS",
     "ClusterConfig",
     "ClusterMismatch",
     "GetResult",
     "InvalidArgument",
     "KeyNotFound",
+    "NoSpace",
     "NodeAddress",
     "NodeSettings",
     "NotLeader",
     "Overloaded",
+    "PermissionDenied",
     "PreconditionFailed",
     "ProposalTimeout",
     "RaftKVError",
+    "StorageError",
     "SyncClient",
+    "Unauthenticated",
     "Unavailable",
 ]
 __version__ = "0.1.0"

@@ -46,9 +46,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hdrh.histogram import HdrHistogram
+
+if TYPE_CHECKING:
+    from raftkv.network import ClientTLS
 
 # Histogram range and precision: microseconds from 1 µs to 60 s, 3 significant digits.
 HIST_MIN_US = 1
@@ -122,10 +125,17 @@ def error_code(exc: BaseException) -> str:
 class RaftKVTarget:
     """raftkv through its own leader-aware :class:`~raftkv.client.Client` (default timeouts)."""
 
-    def __init__(self, endpoints: str, stale: bool = False, batching: bool = True) -> None:
+    def __init__(
+        self,
+        endpoints: str,
+        stale: bool = False,
+        batching: bool = True,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
         from raftkv.client import Client
 
-        self.client = Client(endpoints, batching=batching)
+        self.client = Client(endpoints, batching=batching, tls=tls, token=token)
         self.stale = stale
 
     async def put(self, key: bytes, value: bytes) -> None:
@@ -160,9 +170,11 @@ class RaftKVTargetFactory:
     endpoints: str
     stale: bool = False
     batching: bool = True
+    tls: ClientTLS | None = None
+    token: str | None = None
 
     def __call__(self) -> RaftKVTarget:
-        return RaftKVTarget(self.endpoints, self.stale, self.batching)
+        return RaftKVTarget(self.endpoints, self.stale, self.batching, self.tls, self.token)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -721,10 +733,16 @@ def run_cli(
     as_json: bool,
     server_pids: Sequence[int] = (),
     batching: bool = True,
+    tls: ClientTLS | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """What ``raftkv bench`` does: run against raftkv and print text, or one JSON object."""
     factory = RaftKVTargetFactory(
-        endpoints, stale=consistency == Consistency.stale, batching=batching
+        endpoints,
+        stale=consistency == Consistency.stale,
+        batching=batching,
+        tls=tls,
+        token=token,
     )
     server_cpu = (lambda: proc_cpu_seconds(server_pids)) if server_pids else None
     summary = run(

@@ -420,7 +420,7 @@ def _run(coro_fn: Any) -> Any:
         raise fail(str(e), EXIT_NOT_FOUND) from None
     except Unavailable as e:
         hint = f" (leader hint: {e.leader} at {e.leader_endpoint})" if e.leader else ""
-        raise fail(f"unavailable: {e}{hint}") from None
+        raise fail(f"unavailable: {e}{hint}{_tls_hint(str(e))}") from None
     except Unauthenticated as e:
         raise fail(f"not authenticated: {e}") from None
     except PermissionDenied as e:
@@ -429,6 +429,19 @@ def _run(coro_fn: Any) -> Any:
         raise fail(f"{type(e).__name__}: {e}") from None
     except (ValueError, ConfigError) as e:
         raise fail(str(e)) from None
+
+
+def _tls_hint(message: str) -> str:
+    """What a TLS mismatch looks like from the client, said plainly."""
+    lowered = message.lower()
+    if _client_opts.get("tls") is None and "socket closed" in lowered:
+        return " (does the node require TLS? pass --cacert or set RAFTKV_CACERT)"
+    if "certificate verify failed" in lowered or "ssl" in lowered or "handshake" in lowered:
+        return (
+            " (TLS handshake failed: is --cacert the CA that signed the node certificates, "
+            "and does the endpoint's host appear in them?)"
+        )
+    return ""
 
 
 def _read_value(value: str) -> bytes:
@@ -944,6 +957,17 @@ def bench(
             "p999_ms, errors, ops, client_cpu_us_per_op, ...) and no progress bar.",
         ),
     ] = False,
+    cacert: Annotated[
+        Path | None, _path_option("--cacert", "RAFTKV_CACERT", "CA of a TLS cluster.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="RAFTKV_TOKEN", help="Bearer token.", show_default=False),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        _path_option("--token-file", "RAFTKV_TOKEN_FILE", "File holding the bearer token."),
+    ] = None,
 ) -> None:
     """Measure throughput and latency: closed-loop load against a running cluster.
 
@@ -974,8 +998,10 @@ def bench(
             as_json=as_json,
             server_pids=pids,
             batching=batching,
+            tls=ClientTLS(cacert) if cacert else None,
+            token=token or (token_file.read_text().strip() if token_file else None),
         )
-    except (b.BenchError, ValueError) as e:
+    except (b.BenchError, ValueError, OSError) as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None

@@ -26,13 +26,13 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from raftkv._pb.raftkv.v1 import command_pb2 as cpb
 from raftkv._pb.raftkv.v1 import raft_pb2 as pb
 
 # pysyncobj's command type bytes that may appear in a log entry on the wire.
 _REGULAR = 0
 _NO_OP = 1
 _ALLOWED_COMMAND_TYPES = frozenset({_REGULAR, _NO_OP})
+_ALLOWED_PREFIXES = frozenset({bytes([_REGULAR]), bytes([_NO_OP])})
 
 
 class UnencodableMessage(ValueError):
@@ -71,10 +71,14 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
             ae = frame.append_entries
             ae.term = message["term"]
             ae.commit_index = message["commit_index"]
-            ae.entries.extend(
-                cpb.LogEntry(command=_check_command(cmd), index=idx, term=term)
-                for cmd, idx, term in message.get("entries", ())
-            )
+            entries = message.get("entries", ())
+            if entries:
+                first = entries[0][1]
+                if entries[-1][1] - first != len(entries) - 1:
+                    raise UnencodableMessage("entries at non-consecutive indexes")
+                ae.first_index = first
+                ae.terms.extend([e[2] for e in entries])
+                ae.commands.extend([e[0] for e in entries])
             if message["prevLogIdx"] is not None:
                 ae.prev_log_index = message["prevLogIdx"]
             if message["prevLogTerm"] is not None:
@@ -135,11 +139,19 @@ def decode(data: bytes) -> Decoded:
     message: dict[str, Any]
     if which == "append_entries":
         ae = frame.append_entries
+        commands = list(ae.commands)
+        if len(commands) != len(ae.terms):
+            raise MalformedFrame("AppendEntries with as many terms as commands expected")
+        if not all(c[:1] in _ALLOWED_PREFIXES for c in commands):
+            raise MalformedFrame("log entry with a command type raftkv never writes")
+        first = ae.first_index
         message = {
             "type": "append_entries",
             "term": ae.term,
             "commit_index": ae.commit_index,
-            "entries": [(_entry_command(e), e.index, e.term) for e in ae.entries],
+            "entries": list(
+                zip(commands, range(first, first + len(commands)), ae.terms, strict=True)
+            ),
             "prevLogIdx": ae.prev_log_index if ae.HasField("prev_log_index") else None,
             "prevLogTerm": ae.prev_log_term if ae.HasField("prev_log_term") else None,
         }
@@ -197,7 +209,7 @@ def decode(data: bytes) -> Decoded:
     return ("raft", shard, message)
 
 
-def _entry_command(holder: cpb.LogEntry | pb.ApplyCommand) -> bytes:
+def _entry_command(holder: pb.ApplyCommand) -> bytes:
     command: bytes = holder.command
     if not command or command[0] not in _ALLOWED_COMMAND_TYPES:
         raise MalformedFrame("log entry with a command type raftkv never writes")

@@ -78,16 +78,31 @@ def test_pickled_transmissions_and_foreign_command_types_are_refused() -> None:
 
 
 def test_a_forged_frame_with_a_pickled_membership_entry_does_not_decode() -> None:
-    from raftkv._pb.raftkv.v1 import command_pb2 as cpb
     from raftkv._pb.raftkv.v1 import raft_pb2 as pb
 
     frame = pb.RaftFrame(shard_id=0)
     frame.append_entries.term = 1
-    frame.append_entries.entries.append(
-        cpb.LogEntry(command=b"\x02" + pickle.dumps(["add", "evil"]), index=2, term=1)
-    )
+    frame.append_entries.first_index = 2
+    frame.append_entries.terms.extend([1, 1])
+    frame.append_entries.commands.extend([b"\x00ok", b"\x02" + pickle.dumps(["add", "evil"])])
     with pytest.raises(wire.MalformedFrame):
         wire.decode(frame.SerializeToString())
+    del frame.append_entries.commands[1]  # now one term too many
+    with pytest.raises(wire.MalformedFrame):
+        wire.decode(frame.SerializeToString())
+
+
+def test_non_consecutive_entries_are_never_encoded() -> None:
+    gap = {
+        "type": "append_entries",
+        "term": 1,
+        "commit_index": 1,
+        "entries": [(REG, 2, 1), (REG, 4, 1)],
+        "prevLogIdx": 1,
+        "prevLogTerm": 1,
+    }
+    with pytest.raises(wire.UnencodableMessage):
+        wire.encode(0, gap)
 
 
 @pytest.mark.parametrize(

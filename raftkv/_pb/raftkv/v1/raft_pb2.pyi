@@ -1,4 +1,3 @@
-from raftkv._pb.raftkv.v1 import command_pb2 as _command_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -67,18 +66,22 @@ class ResponseVote(_message.Message):
     def __init__(self, term: _Optional[int] = ...) -> None: ...
 
 class AppendEntries(_message.Message):
-    __slots__ = ("term", "commit_index", "entries", "prev_log_index", "prev_log_term")
+    __slots__ = ("term", "commit_index", "prev_log_index", "prev_log_term", "first_index", "terms", "commands")
     TERM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREV_LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
     PREV_LOG_TERM_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
     term: int
     commit_index: int
-    entries: _containers.RepeatedCompositeFieldContainer[_command_pb2.LogEntry]
     prev_log_index: int
     prev_log_term: int
-    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[_command_pb2.LogEntry, _Mapping]]] = ..., prev_log_index: _Optional[int] = ..., prev_log_term: _Optional[int] = ...) -> None: ...
+    first_index: int
+    terms: _containers.RepeatedScalarFieldContainer[int]
+    commands: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., prev_log_index: _Optional[int] = ..., prev_log_term: _Optional[int] = ..., first_index: _Optional[int] = ..., terms: _Optional[_Iterable[int]] = ..., commands: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InstallSnapshot(_message.Message):
     __slots__ = ("term", "commit_index", "chunk")
