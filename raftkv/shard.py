@@ -178,7 +178,6 @@ class _Group(SyncObj):  # type: ignore[misc]
         storage.snapshot = None  # the parsed start-up copy is only needed once
         if snap is None:
             snap = read_snapshot(storage.snapshot_path, f"shard {self._shard_id}")
-        self._machine.restore(snap)
         last = (snap.last_applied.command, snap.last_applied.index, snap.last_applied.term)
         before = (
             snap.before_last_applied.command,
@@ -187,6 +186,8 @@ class _Group(SyncObj):  # type: ignore[misc]
         )
         journal: Journal = self._SyncObj__raftLog
         position = last[1] - journal.first_index if len(journal) else -1
+        # The journal first: if rewriting it fails (a full disk), nothing has changed yet and
+        # the replica still holds its old, consistent state.
         if not clearJournal and 1 <= position < len(journal) and journal[position][2] == last[2]:
             # Raft's InstallSnapshot rule: the log holds the snapshot's last entry with the same
             # term, so keep what follows it (a compaction interrupted by a crash left the older
@@ -195,6 +196,7 @@ class _Group(SyncObj):  # type: ignore[misc]
                 journal.deleteEntriesTo(position - 1)
         else:
             journal.replace([before, last])
+        self._machine.restore(snap)
         self._SyncObj__raftLastApplied = last[1]
         # Everything up to the snapshot is committed; nothing past our log end can be.
         commit = min(max(int(self._SyncObj__raftCommitIndex), last[1]), journal.last_index)
@@ -626,9 +628,11 @@ class ShardReplica:
         if len(self._reported) < self._needed_reports():
             return
         # Every term this replica may have voted or acknowledged in before it lost its state
-        # is known to at least one of these peers: take the highest as our current term.
+        # is known to at least one of these peers: take the highest as our current term
+        # (never lower it: a restart in the middle of recovering may have moved it on).
         self._fence = max(self._reported.values())
-        self._group.set_term(self._fence, None)
+        if self._fence > self._group.raftCurrentTerm:
+            self._group.set_term(self._fence, None)
         log.warning(
             "shard %d: recovering from peers: term fence %d from %s; catching up, not voting",
             self.shard_id,

@@ -21,6 +21,7 @@ Log lines that a stranger can trigger are throttled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -309,7 +310,7 @@ class MuxTransport:
             sock.close()
             peer.problem = f"cannot connect: {e.strerror or e}"
             return
-        if err not in (0, 115, 11):  # 0, EINPROGRESS, EAGAIN
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             sock.close()
             peer.problem = "cannot connect"
             return
