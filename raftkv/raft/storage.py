@@ -71,7 +71,10 @@ def _check_whole(
     )
     first = journal.first_index
     covered = snapshot.last_applied.index if snapshot is not None else 0
-    if meta.existed and not journal.existed and snapshot is None and meta.term > 0:
+    # meta.json is first written after the journal holds its first entry, and a compacted
+    # journal still holds the two entries around the snapshot: a journal with no entries
+    # next to a meta.json has lost whatever followed the snapshot (or everything).
+    if meta.existed and not journal.existed and not meta.recovering:
         raise StorageError(
             f"{what}: {directory / META} records term {meta.term} but {directory / JOURNAL} "
             f"is missing or empty: {lost}"

@@ -438,15 +438,26 @@ class MuxTransport:
             self._on_peer_state(peer.node_id, body)
 
     def refused_by_peer(self, link: Link, code: int, reason: str) -> None:
-        # Unauthenticated text: a stranger could send it, so it is throttled like the rest.
-        claimed = link.peer_id or link.expected_peer or "an unknown peer"
-        peer = self._peers.get(link.peer_id or link.expected_peer)
-        problem = f"refused by {claimed}: {reason}"
+        if not link.dialer:
+            # Whoever connected to us can say anything before authenticating: a "refusal" on
+            # a connection we accepted changes nothing (it must not postpone our dialling of
+            # the peer it names, nor put its words into status) and is only logged, throttled.
+            if self._throttle.allow(f"refused-in:{link.remote.rsplit(':', 1)[0]}"):
+                log.warning(
+                    "raft port: a connection from %s claiming to be %s said it refuses us: %s",
+                    link.remote,
+                    link.peer_id or "nobody",
+                    reason,
+                )
+            return
+        # A refusal on a connection we dialled comes from the address of that peer.
+        peer = self._peers.get(link.expected_peer)
+        problem = f"refused by {link.expected_peer}: {reason}"
         if peer is not None:
             peer.problem = problem
             peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
-        if self._throttle.allow(f"refused:{claimed}:{code}"):
-            log.error("raft link to %s (%s) %s", claimed, link.remote, problem)
+        if self._throttle.allow(f"refused:{link.expected_peer}:{code}"):
+            log.error("raft link to %s (%s) %s", link.expected_peer, link.remote, problem)
 
     def link_closed(self, link: Link, reason: str) -> None:
         self._pending.discard(link)
@@ -459,9 +470,15 @@ class MuxTransport:
                 return
             if peer.dialing is link:
                 peer.dialing = None
-        claimed = self._peers.get(link.peer_id or link.expected_peer)
-        if claimed is not None and claimed.link is None:
-            claimed.problem = reason  # why the last attempt failed, for status
+        if link.dialer:
+            dialled = self._peers.get(link.expected_peer)
+            if dialled is not None and dialled.link is None:
+                dialled.problem = reason  # why our last attempt failed, for status
+        elif link.peer_id and link.peer_id in self._peers:
+            claimed = self._peers[link.peer_id]
+            if claimed.link is None:
+                # Our own words about a connection that only claimed to be this peer.
+                claimed.problem = f"a connection claiming to be {link.peer_id} failed: {reason}"
         if reason not in ("node stopping", "the peer closed the connection") and not (
             reason.startswith("connect to") or reason.startswith("refused by the peer")
         ):

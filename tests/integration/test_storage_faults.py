@@ -121,6 +121,35 @@ def test_deleted_snapshots_refuse_to_start_then_rebuild_from_peers(tmp_path: Pat
         assert read_through(c, "n1", list(more)) == more
 
 
+@pytest.mark.parametrize("damage", ["snapshot-bit", "snapshot-cut", "journal-deleted"])
+def test_damaged_or_missing_files_are_named_and_never_served(tmp_path: Path, damage: str) -> None:
+    with LocalCluster.create(
+        tmp_path, nodes=3, shards=1, replicas=3, extra_args=("--log-compaction-entries", "100")
+    ) as c:
+        c.start()
+        items = write_keys(c, "dmg", 300, batching=False)
+        shard = c.nodes["n2"].data_dir / "shard-0"
+        c.stop_node("n2")
+        snapshot, journal = shard / "snapshot.bin", shard / "journal.bin"
+        if damage == "snapshot-bit":
+            data = bytearray(snapshot.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            snapshot.write_bytes(bytes(data))
+            named, why = snapshot, "fails its checksum"
+        elif damage == "snapshot-cut":
+            os.truncate(snapshot, snapshot.stat().st_size // 2)
+            named, why = snapshot, "truncated"
+        else:
+            journal.unlink()
+            named, why = shard / "meta.json", "journal.bin is missing"
+        out = exits_with_message(c, "n2")
+        assert str(named) in out and why in out, out[-2000:]
+        assert read_through(c, "n1", list(items)) == items
+        c.start_node("n2", args=("--recover-from-peers",))
+        wait_converged(c)
+        assert read_through(c, "n2", list(items)) == items
+
+
 def test_a_journal_cut_mid_record_is_repaired_with_a_warning(tmp_path: Path) -> None:
     with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
         c.start()
