@@ -42,7 +42,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from raftkv.config import ConfigError
+from raftkv.durable import PRIVATE, write_file
 from raftkv.errors import PermissionDenied, Unauthenticated
 
 TOKEN_PREFIX = "rkv1."
@@ -166,23 +166,10 @@ def write_key_file(path: Path, key: bytes, *, overwrite: bool = False) -> None:
     never truncated in place and no reader sees a half-written key.
     """
     _check_key(key)
-    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
-    # O_EXCL: never write through a file (or symlink) someone else put there first.
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_file(path, (key.hex() + "\n").encode("ascii"), mode=PRIVATE, overwrite=overwrite)
     except FileExistsError:
         raise ConfigError(f"key file {path} already exists; refusing to overwrite it") from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask may only remove bits, but be exact anyway
-        os.write(fd, (key.hex() + "\n").encode("ascii"))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        target.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if target != path:
-        os.replace(target, path)
 
 
 def read_key_file(path: Path) -> bytes:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from raftkv.durable import fsync_dir, write_temp
 
 CA_CERT: Final = "ca.crt"
 CA_KEY: Final = "ca.key"
@@ -395,42 +396,15 @@ def _publish(issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivat
             (issued.key, key_pem, _KEY_MODE),
             (issued.cert, cert_pem, _CERT_MODE),
         ):
-            staged.append((_write_temp(final, data, mode), final))
+            staged.append((write_temp(final, data, mode), final))
         for temp, final in staged:
             os.replace(temp, final)
-        _fsync_directory(issued.cert.parent)
+        fsync_dir(issued.cert.parent)
     except OSError as exc:
         raise CertError(f"cannot write {issued.cert.parent}: {exc.strerror or exc}") from exc
     finally:
         for temp, _ in staged:
             temp.unlink(missing_ok=True)
-
-
-def _write_temp(final: Path, data: bytes, mode: int) -> Path:
-    temp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL with the final mode: a key is never readable by others, not even for an instant.
-    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            if mode == _KEY_MODE:
-                # The umask can only remove bits, but make the documented mode exact anyway.
-                os.fchmod(file.fileno(), mode)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return temp
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the renames durable: without it a power cut can undo them.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _spki(public_key: PublicKeyTypes) -> bytes:

@@ -18,13 +18,13 @@ Layout of the directory::
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from raftkv import auth, certs
 from raftkv.config import ClusterConfig, split_hostport
+from raftkv.durable import PRIVATE, write_file
 from raftkv.network import ClientTLS
 
 SECRET = "raft.secret"
@@ -34,10 +34,7 @@ ADMIN_TOKEN = "admin.token"
 
 def write_private(path: Path, text: str, *, overwrite: bool = False) -> None:
     """Write a secret file readable by its owner only, from the moment it exists."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_file(path, text.encode(), mode=PRIVATE, overwrite=overwrite)
 
 
 def new_secret() -> str:

@@ -48,6 +48,7 @@ from typing import Any
 
 from pysyncobj.journal import Journal as PysyncobjJournal
 
+from raftkv.durable import fsync_dir, write_file
 from raftkv.errors import StorageError
 
 log = logging.getLogger("raftkv.journal")
@@ -79,14 +80,6 @@ class JournalWriteError(StorageError):
 
 class MetaWriteError(StorageError):
     """The term/vote could not be made durable: the replica must stop."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _zeros_from(data: bytes, offset: int) -> bool:
@@ -167,13 +160,14 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         n = 0
         while off < len(data):
             n += 1
-            if _zeros_from(data, off):
-                break  # preallocated space, or appends a crash never wrote: the log ends here
             remaining = len(data) - off
             if remaining < _RECORD.size:
-                self._torn(where, n, off, len(data))
+                if not _zeros_from(data, off):
+                    self._torn(where, n, off, len(data))
                 break
             size, crc = _RECORD.unpack_from(data, off)
+            if size == 0 and crc == 0 and _zeros_from(data, off):
+                break  # preallocated space, or appends a crash never wrote: the log ends here
             if size < _ENTRY.size or size > MAX_RECORD_BYTES:
                 raise StorageError(
                     f"{where}: record {n} at offset {off} has an impossible length {size}; "
@@ -445,17 +439,10 @@ class MetaStore:
         if commit_index is not None:
             state["commit_index"] = commit_index
         doc = {"crc32": zlib.crc32(_canonical(state)), "state": state}
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
         try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            write_file(self.path, text.encode(), overwrite=True)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise MetaWriteError(
                 f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
             ) from e

@@ -28,8 +28,8 @@ from google.protobuf.message import DecodeError
 from pysyncobj.serializer import Serializer
 
 from raftkv._pb.raftkv.v1 import command_pb2 as pb
+from raftkv.durable import fsync_dir
 from raftkv.errors import StorageError
-from raftkv.raft.journal import fsync_dir
 
 log = logging.getLogger("raftkv.snapshot")
 

@@ -69,6 +69,19 @@ def wait_for(
         time.sleep(interval)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors a process holds open (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 @dataclass
 class NodeProcess:
     address: NodeAddress
@@ -229,6 +242,13 @@ class LocalCluster:
         if n.process is not None and n.running and n.paused:
             n.process.send_signal(signal.SIGCONT)
             n.paused = False
+
+    def pid(self, node_id: str) -> int:
+        """The PID of a running node (fails if it is not running)."""
+        pid = self.nodes[node_id].pid
+        if pid is None or not self.nodes[node_id].running:
+            raise RuntimeError(f"node {node_id} is not running")
+        return pid
 
     def restart(self, node_id: str, wait: bool = True) -> None:
         self.kill(node_id)

@@ -48,7 +48,7 @@ from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import raft_pb2 as rpb
 from raftkv.config import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from raftkv.raft import handshake as hs
-from raftkv.testing.cluster import LocalCluster, wait_for
+from raftkv.testing.cluster import LocalCluster, open_fds, rss_mb, wait_for
 
 SCALE = float(os.environ.get("RAFTKV_FUZZ_SCALE", "1"))
 CALL_TIMEOUT_S = 5.0
@@ -110,23 +110,6 @@ def fuzz_settings(examples: int) -> settings:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def pid(c: LocalCluster, node: str) -> int:
-    p = c.nodes[node].pid
-    assert p is not None
-    return p
-
-
-def rss_mb(process_id: int) -> float:
-    for line in Path(f"/proc/{process_id}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(process_id: int) -> int:
-    return len(os.listdir(f"/proc/{process_id}/fd"))
 
 
 def node_logs(c: LocalCluster, node: str) -> list[Path]:
@@ -358,7 +341,7 @@ def watch(t: Target) -> Iterator[Watched]:
     for key, value in pool.items():
         t.model.seeded(key, value)
     t.codes.clear()
-    pids = {node: pid(c, node) for node in c.nodes}
+    pids = {node: c.pid(node) for node in c.nodes}
     rss = {node: rss_mb(p) for node, p in pids.items()}
     fds = {node: open_fds(p) for node, p in pids.items()}
     offsets = {

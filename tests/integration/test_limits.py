@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,20 +22,7 @@ from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.admission import RETRY_AFTER_METADATA
 from raftkv.ring import Ring
-from raftkv.testing.cluster import LocalCluster, wait_for
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def node_pid(c: LocalCluster, node: str) -> int:
-    pid = c.nodes[node].pid
-    assert pid is not None
-    return pid
+from raftkv.testing.cluster import LocalCluster, rss_mb, wait_for
 
 
 class Probe:
@@ -101,7 +87,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def test_a_small_get_many_can_never_build_a_huge_reply(limited: LocalCluster) -> None:
     c = limited
-    pid = node_pid(c, "n1")
+    pid = c.pid("n1")
     big = os.urandom(1024 * 1024)
     with c.channel("n1") as ch:
         stub = kv_grpc.KVStub(ch)
@@ -286,7 +272,7 @@ def test_a_flood_of_1ms_deadlines_and_a_thousand_channels_leak_nothing(
     limited: LocalCluster,
 ) -> None:
     c = limited
-    pid = node_pid(c, "n1")
+    pid = c.pid("n1")
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     rss = rss_mb(pid)
 

@@ -26,29 +26,12 @@ from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv._pb.raftkv.v1 import raft_pb2 as rpb
 from raftkv.errors import PermissionDenied, Unauthenticated
 from raftkv.raft import handshake as hs
-from raftkv.testing.cluster import LocalCluster, wait_for
+from raftkv.testing.cluster import LocalCluster, open_fds, rss_mb, wait_for
 
 
 def raft_address(cluster: LocalCluster, node: str) -> tuple[str, int]:
     host, port = cluster.nodes[node].address.raft.rsplit(":", 1)
     return host, int(port)
-
-
-def pid(cluster: LocalCluster, node: str) -> int:
-    p = cluster.nodes[node].pid
-    assert p is not None
-    return p
-
-
-def rss_mb(process_id: int) -> float:
-    for line in Path(f"/proc/{process_id}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(process_id: int) -> int:
-    return len(os.listdir(f"/proc/{process_id}/fd"))
 
 
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
@@ -154,7 +137,7 @@ def test_preauth_bytes_idle_sockets_and_connection_floods_are_bounded(tmp_path: 
     env = {"RAFTKV_RAFT_SECRET": "only-the-nodes-know-this"}
     with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3, env=env) as c:
         c.start()
-        n1 = pid(c, "n1")
+        n1 = c.pid("n1")
         rss_before, fds_before = rss_mb(n1), open_fds(n1)
 
         # A header claiming 4 GiB, then filler: the node hangs up after the 4-byte header.
