@@ -357,6 +357,9 @@ class RaftDriver:
                         r.dirty = False
                         if r.tick():
                             r.dirty = True
+                # Everything this turn queued for a peer (from every group, and replies to
+                # what the poll delivered) leaves in one send per link.
+                self.transport.flush()
                 if not logged:
                     logged = True
                     log.info("raft thread ticking %d shard groups", len(self._replicas))

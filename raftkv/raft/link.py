@@ -85,6 +85,9 @@ class LinkListener(Protocol):
 
     def link_up(self, link: Link) -> None: ...
 
+    def flush_later(self, link: Link) -> None:
+        """``link`` has queued frames: call its :meth:`Link.flush` before the thread sleeps."""
+
     def frame_received(self, link: Link, payload: bytes) -> None: ...
 
     def refused_by_peer(self, link: Link, code: int, reason: str) -> None: ...
@@ -195,6 +198,9 @@ class Link:
         self._recv = bytearray()
         self._send = SendBuffer()
         self._writable_wanted = False
+        self._queued: list[bytes] = []  # frames waiting for flush()
+        self._queued_bytes = 0
+        self._flush_requested = False
         self._own_hello: hs.Hello | None = None
         self._peer_hello: hs.Hello | None = None
         self._sealer: hs.FrameSealer | None = None
@@ -219,18 +225,46 @@ class Link:
 
     @property
     def buffered(self) -> int:
-        return len(self._send)
+        return len(self._send) + self._queued_bytes
 
     def send_frame(self, payload: bytes) -> bool:
-        """Queue one post-authentication frame; False if the link is down or backed up."""
+        """Queue one post-authentication frame; False if the link is down or backed up.
+
+        The frame goes out at the next :meth:`flush` (the Raft thread flushes every link once
+        per loop turn): the frames of one turn share one send, and one TLS record.
+        """
         if self.state is not LinkState.UP:
             return False
-        if len(self._send) > self._limits.max_send_buffer_bytes:
+        if len(self._send) + self._queued_bytes > self._limits.max_send_buffer_bytes:
             return False
         if self._sealer is not None:
             payload = self._sealer.seal(payload)
-        self._write_frame(payload)
+        self._queued.append(_LENGTH.pack(len(payload)))
+        self._queued.append(payload)
+        self._queued_bytes += 4 + len(payload)
+        if not self._flush_requested:
+            self._flush_requested = True
+            self._listener.flush_later(self)
         return True
+
+    def flush(self) -> None:
+        """Hand the frames queued since the last flush to the socket (through TLS, if on)."""
+        self._flush_requested = False
+        if not self._queued or self.state is not LinkState.UP:
+            self._queued, self._queued_bytes = [], 0
+            return
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        if self._tls is not None:
+            try:
+                self._tls.write(b"".join(queued))
+            except ssl.SSLError as e:
+                self.close(f"TLS error while sending: {e.reason or e}")
+                return
+            self._pull_tls_output()
+            return
+        for chunk in queued:
+            self._send.append(chunk)
+        self._flush()
 
     def check_timeouts(self, now: float) -> None:
         if self.state is LinkState.CLOSED:
@@ -539,3 +573,5 @@ class Link:
             self._sock.close()
         self._recv = bytearray()
         self._send = SendBuffer()
+        self._queued = []
+        self._queued_bytes = 0

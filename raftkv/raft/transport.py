@@ -169,6 +169,7 @@ class MuxTransport:
                 host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
                 self._peers[n.id] = _Peer(n.id, host, port)
         self._pending: set[Link] = set()  # accepted, not yet authenticated
+        self._to_flush: list[Link] = []  # links with frames queued this loop turn
         self._listen: socket.socket | None = None
         self._ip = "0.0.0.0"
         self._throttle = Throttle(interval_s=10.0)
@@ -261,6 +262,12 @@ class MuxTransport:
                 self._limits.max_send_buffer_bytes,
             )
         return False
+
+    def flush(self) -> None:
+        """Send what this loop turn queued: one send per link, however many frames."""
+        links, self._to_flush = self._to_flush, []
+        for link in links:
+            link.flush()
 
     # -- periodic work (called on every full Raft tick) -----------------------------------------
 
@@ -403,6 +410,9 @@ class MuxTransport:
                 f"{self._security.fingerprint} (the nodes were started from different "
                 "cluster files)",
             )
+
+    def flush_later(self, link: Link) -> None:
+        self._to_flush.append(link)
 
     def link_up(self, link: Link) -> None:
         peer = self._peers[link.peer_id]
