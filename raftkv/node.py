@@ -184,13 +184,13 @@ class Node:
         for s in self.placement.shards_on(self.id):
             directory = self.settings.data_dir / f"shard-{s}"
             has_peers = len(self.placement.replicas_of(s)) > 1
-            if initialized and not directory.exists():
+            if initialized and (not directory.exists() or not any(directory.iterdir())):
                 if not has_peers:
-                    problems.append(f"shard {s}: {directory} is missing and has no other replica")
+                    problems.append(f"shard {s}: {directory} is gone and has no other replica")
                     continue
                 log.warning(
-                    "shard %d: %s is missing; rebuilding this replica from its peers (it will "
-                    "not vote until it has caught up)",
+                    "shard %d: %s is missing or empty; rebuilding this replica from its peers "
+                    "(it will not vote until it has caught up)",
                     s,
                     directory,
                 )

@@ -26,6 +26,7 @@ and server reflection (both open, as in etcd), until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import os
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -45,6 +48,7 @@ from raftkv._pb.raftkv.v1 import command_pb2 as cpb
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.admission import RETRY_AFTER_METADATA, Admission
 from raftkv.auth import Authenticator, Identity, Role, parse_bearer, require, role_for
+from raftkv.certs import node_id_from_cert
 from raftkv.errors import (
     InvalidArgument,
     KeyNotFound,
@@ -57,6 +61,7 @@ from raftkv.errors import (
 )
 from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
+from raftkv.raft.handshake import Secret
 from raftkv.shard import ShardReplica
 
 log = logging.getLogger("raftkv.server")
@@ -125,18 +130,49 @@ class Guard:
         self.authenticator = authenticator if authenticator and authenticator.enabled else None
         self.clients = clients
         self.forwarded = forwarded
-        self._own_forward = ((FORWARDED_METADATA, node.id),)
+        # A client can send the forwarding header too. It only ever stops a request from being
+        # forwarded again (harmless); the forwarded pool is for requests a node vouches for:
+        # with the cluster secret (a MAC of the node id), or with its node certificate.
+        self._secret = Secret(node.cluster.secret) if node.cluster.secret else None
+        tls = node.settings.security.grpc_tls
+        self._client_certs = tls is not None and tls.client_cert_auth
+        self._vouching_possible = self._secret is not None or self._client_certs
+        self._own_forward = ((FORWARDED_METADATA, self._marker(node.id)),)
+        self._cert_nodes: dict[bytes, str | None] = {}
 
-    @staticmethod
-    def _read_metadata(context: Context) -> tuple[str, bool]:
+    def _marker(self, node_id: str) -> str:
+        if self._secret is None:
+            return node_id
+        return f"{node_id}.{self._secret.tag(b'forward', node_id.encode())}"
+
+    def _vouched(self, marker: str, context: Context) -> bool:
+        """Did another node of this cluster really forward this request?"""
+        if not self._vouching_possible:
+            return True  # a plain loopback cluster: no way to tell, nothing to protect
+        node_id = marker.split(".", 1)[0]
+        if node_id not in self.node.endpoints:
+            return False
+        if self._secret is not None:
+            return hmac.compare_digest(marker, self._marker(node_id))
+        pem = next(iter((context.auth_context() or {}).get("x509_pem_cert", ())), b"")
+        if pem not in self._cert_nodes:
+            if len(self._cert_nodes) > 256:
+                self._cert_nodes.clear()
+            self._cert_nodes[pem] = _node_id_from_pem(pem)
+        return self._cert_nodes[pem] == node_id
+
+    def _read_metadata(self, context: Context) -> tuple[str, bool, bool]:
+        """(bearer token, forwarded, vouched for by a node)."""
         token = ""
-        forwarded = False
+        marker = ""
         for key, value in context.invocation_metadata() or ():
             if key == AUTHORIZATION:
                 token = str(value)
             elif key == FORWARDED_METADATA:
-                forwarded = True
-        return token, forwarded
+                marker = str(value)
+        if not marker:
+            return token, False, False
+        return token, True, self._vouched(marker, context)
 
     def _caller(self, token: str, forwarded: bool, method: str) -> Caller:
         forward = self._own_forward + (((AUTHORIZATION, token),) if token else ())
@@ -159,8 +195,8 @@ class Guard:
                     f"malformed request: {request.size} bytes that do not parse as "
                     f"{request.message_type}",
                 )
-            token, forwarded = self._read_metadata(context)
-            admission = self.forwarded if forwarded else self.clients
+            token, forwarded, vouched = self._read_metadata(context)
+            admission = self.forwarded if vouched else self.clients
             if not admission.try_enter():
                 context.set_trailing_metadata(
                     ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
@@ -196,6 +232,16 @@ class _Method(Generic[Req, Resp]):
     request: type[Message]
     response: type[Message]
     handler: Handler
+
+
+def _node_id_from_pem(pem: bytes) -> str | None:
+    if not pem:
+        return None
+    try:
+        der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        return None
+    return node_id_from_cert(der)
 
 
 def _headers(resp: Any) -> list[kv.ResponseHeader]:

@@ -486,6 +486,8 @@ class ShardReplica:
             index = g.log_index()
             busy = index != self._last_log_index
             self._last_log_index = index
+            if busy:
+                self._journal.keep_room()
             if self._fsync and busy:
                 # The leader counts its own log toward every commit: sync this tick's appends
                 # (all proposals that arrived since the last tick, one fsync) before any
@@ -757,8 +759,10 @@ class ShardReplica:
                 f"command of {len(data)} bytes; the limit is {MAX_COMMAND_BYTES} bytes"
             )
         self._check_writable()
-        if not self._journal.ensure_room(len(data) + RECORD_OVERHEAD + headroom):
-            # Refused before it entered the log: certainly not applied, nothing in doubt.
+        journal = self._journal
+        if journal.low_on_space and journal.room() < len(data) + RECORD_OVERHEAD + headroom:
+            # The disk gave the journal no more room: refused before it entered the log, so
+            # certainly not applied and nothing left in doubt.
             raise NoSpace(
                 f"shard {self.shard_id}: no space left on the data disk for "
                 f"{self._journal.path}; writes are refused until space is freed"

@@ -47,6 +47,7 @@ NONCE_BYTES = 32
 MAX_ID_BYTES = 64
 _PROOF_LABEL = b"raftkv raft peer proof v1"
 _SESSION_LABEL = b"raftkv raft session keys v1"
+_TAG_LABEL = b"raftkv node tags v1"
 
 
 class FrameType(enum.IntEnum):
@@ -160,6 +161,11 @@ class Secret:
             raise ValueError("the cluster secret must not be empty")
         self._auth_key = _hkdf(raw, salt=b"", info=_PROOF_LABEL, length=32)
         self._session_ikm = _hkdf(raw, salt=b"", info=_SESSION_LABEL, length=32)
+        self._tag_key = _hkdf(raw, salt=b"", info=_TAG_LABEL, length=32)
+
+    def tag(self, purpose: bytes, data: bytes) -> str:
+        """A hex MAC only secret holders can make (e.g. a node vouching for a forward)."""
+        return hmac.new(self._tag_key, purpose + b"|" + data, hashlib.sha256).hexdigest()
 
     def proof(self, dialer: bool, own: Hello, peer: Hello) -> bytes:
         role = b"dialer" if dialer else b"acceptor"

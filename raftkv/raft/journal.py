@@ -66,6 +66,10 @@ MAX_RECORD_BYTES = 256 * 1024 * 1024
 # Space allocated ahead of the appends, in one go.
 PREALLOCATE_BYTES = 4 * 1024 * 1024
 _OLD_PYSYNCOBJ_MAGIC = b"PYSYNCOBJ"
+# A write torn by a crash leaves the unwritten rest of its record as preallocated zeros.
+_TORN_SUFFIX = bytes(8)
+# Below this much allocated room, the journal asks the disk for another chunk.
+LOW_WATER_BYTES = PREALLOCATE_BYTES // 2
 
 Entry = tuple[bytes, int, int]  # (command, index, term): pysyncobj's log entry shape
 
@@ -108,6 +112,10 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._entries: list[Entry] = []
         self._offsets = array.array("Q")  # file offset of each entry's record
         self.repaired = ""  # what opening dropped, if anything (for the log)
+        self._torn_span: tuple[int, int] | None = None
+        # Set on the Raft thread when the disk could not give the journal more room; read by
+        # proposers (any thread) to refuse writes before they enter the log.
+        self.low_on_space = False
         self._fd = -1
         self._size = HEADER_BYTES
         self._allocated = HEADER_BYTES  # file size, preallocated space included
@@ -130,11 +138,11 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._parse(data)
         self._fd = os.open(self.path, os.O_RDWR)
         self._allocated = len(data)
-        if self.repaired:
-            # Cut the torn bytes off: appends must start on clean space.
-            os.ftruncate(self._fd, self._size)
+        if self._torn_span is not None:
+            # Zero the torn record: appends start on clean, still allocated space.
+            start, length = self._torn_span
+            os.pwrite(self._fd, bytes(length), start)
             os.fsync(self._fd)
-            self._allocated = self._size
 
     def _create(self, path: Path) -> None:
         with open(path, "wb") as f:
@@ -162,9 +170,9 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             n += 1
             remaining = len(data) - off
             if remaining < _RECORD.size:
-                if not _zeros_from(data, off):
-                    self._torn(where, n, off, len(data))
-                break
+                if _zeros_from(data, off):
+                    break
+                raise StorageError(self._cut_short(where, n, off))
             size, crc = _RECORD.unpack_from(data, off)
             if size == 0 and crc == 0 and _zeros_from(data, off):
                 break  # preallocated space, or appends a crash never wrote: the log ends here
@@ -174,15 +182,17 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
                     "the file is corrupt (run raftkv serve --recover-from-peers)"
                 )
             if remaining < _RECORD.size + size:
-                self._torn(where, n, off, len(data))
-                break
+                # Appends go into preallocated space, so a crash cannot leave a record running
+                # past the end of the file: it was cut (or its length field damaged).
+                raise StorageError(self._cut_short(where, n, off))
             start = off + _RECORD.size
             payload = data[start : start + size]
             if zlib.crc32(payload) != crc:
-                if _zeros_from(data, start + size):
-                    # The last record written, and it does not check: a write torn by a
-                    # crash (under fsync it was never acknowledged).
-                    self._torn(where, n, off, len(data))
+                if _zeros_from(data, start + size) and payload.endswith(_TORN_SUFFIX):
+                    # The last record, ending in zeros where the rest of the write never
+                    # landed in the preallocated space: torn by a crash, so never
+                    # acknowledged under fsync. A flipped bit does not leave that shape.
+                    self._torn(where, n, off, 8 + size)
                     break
                 raise StorageError(
                     f"{where}: record {n} at offset {off} fails its checksum; refusing to "
@@ -203,13 +213,22 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             off = start + size
         self._size = off
 
-    def _torn(self, where: str, n: int, off: int, file_size: int) -> None:
+    def _torn(self, where: str, n: int, off: int, length: int) -> None:
         self.repaired = (
-            f"{where}: record {n} at offset {off} is cut short or does not check, and "
-            "nothing follows it (a write torn by a crash); dropped it and continue from the "
+            f"{where}: record {n} at offset {off} was half written when the node stopped "
+            "(it ends in zeros and nothing follows it); dropped it and continue from the "
             "record before, which the leader will re-send"
         )
+        self._torn_span = (off, length)
         log.warning("%s", self.repaired)
+
+    @staticmethod
+    def _cut_short(where: str, n: int, off: int) -> str:
+        return (
+            f"{where}: the file ends inside record {n} (offset {off}): it was truncated or a "
+            "length field is damaged; refusing to guess what is missing. Rebuild this replica "
+            "from its peers: raftkv serve --recover-from-peers"
+        )
 
     @property
     def first_index(self) -> int:
@@ -223,6 +242,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         record = _record(command, idx, term)
+        self._reserve(len(record))
         self._append(record)
         self._entries.append((command, idx, term))
         self._offsets.append(self._size)
@@ -230,26 +250,39 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._allocated = max(self._allocated, self._size)
         self._unsynced = True
 
-    def ensure_room(self, nbytes: int) -> bool:
-        """Make sure ``nbytes`` can be appended without the disk filling up; False if not.
+    def room(self) -> int:
+        """Allocated bytes not used yet (read from any thread: a snapshot, maybe stale)."""
+        return self._allocated - self._size
 
-        Called from the proposing thread: only ever grows the allocation, which appends on the
-        Raft thread then write into.
-        """
+    def _reserve(self, nbytes: int) -> None:
+        """Make sure ``nbytes`` fit in allocated space before writing (Raft thread)."""
         if self._allocated - self._size >= nbytes:
-            return True
-        grow = max(PREALLOCATE_BYTES, nbytes)
+            return
+        if not self._grow(max(PREALLOCATE_BYTES, nbytes)):
+            raise JournalWriteError(
+                f"{self._what}: no space left on the data disk for {self.path}",
+                no_space=True,
+            )
+
+    def _grow(self, nbytes: int) -> bool:
+        """Allocate ``nbytes`` more at the end of the file; False if the disk is full."""
         try:
-            os.posix_fallocate(self._fd, self._allocated, grow)
+            os.posix_fallocate(self._fd, self._allocated, nbytes)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return False
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._allocated = 1 << 62  # no preallocation here: appends find out themselves
                 return True
+            self.low_on_space = True
             return False
-        self._allocated += grow
+        self._allocated += nbytes
+        self.low_on_space = False
         return True
+
+    def keep_room(self) -> None:
+        """Keep a chunk allocated ahead of the appends (Raft thread; after appends, and once
+        a second so a freed disk is noticed)."""
+        if self._allocated - self._size < LOW_WATER_BYTES:
+            self._grow(PREALLOCATE_BYTES)
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)
@@ -381,6 +414,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         return self.meta.voted_for
 
     def onOneSecondTimer(self) -> None:
+        self.keep_room()
         # Never record a commit index past what this journal has stored: on restart a commit
         # index beyond the log means entries were lost (see storage.open_storage).
         self.meta.save_commit_index(min(self.meta.commit_index, self.stored_index))

@@ -224,6 +224,11 @@ class Link:
         return self.state in (LinkState.CLOSING, LinkState.CLOSED)
 
     @property
+    def finished(self) -> bool:
+        """Fully closed: the socket is gone."""
+        return self.state is LinkState.CLOSED
+
+    @property
     def buffered(self) -> int:
         return len(self._send) + self._queued_bytes
 
@@ -434,22 +439,24 @@ class Link:
         buf = self._recv
         buf += data
         off = 0
-        while len(buf) - off >= 4 and not self.closed:
-            (size,) = _LENGTH.unpack_from(buf, off)
-            limit = (
-                self._limits.max_frame_bytes if self.state is LinkState.UP else hs.MAX_PREAUTH_FRAME
-            )
-            if size > limit:
-                what = "frame" if self.state is LinkState.UP else "frame before authentication"
-                self.close(f"{what} of {size} bytes exceeds the limit of {limit}")
-                return
-            if len(buf) - off - 4 < size:
-                break
-            payload = bytes(buf[off + 4 : off + 4 + size])
-            off += 4 + size
-            self._frame(payload)
-        if off and not self.closed:
-            del buf[:off]
+        try:
+            while len(buf) - off >= 4 and not self.closed:
+                (size,) = _LENGTH.unpack_from(buf, off)
+                up = self.state is LinkState.UP
+                limit = self._limits.max_frame_bytes if up else hs.MAX_PREAUTH_FRAME
+                if size > limit:
+                    what = "frame" if up else "frame before authentication"
+                    self.close(f"{what} of {size} bytes exceeds the limit of {limit}")
+                    return
+                if len(buf) - off - 4 < size:
+                    break
+                payload = bytes(buf[off + 4 : off + 4 + size])
+                off += 4 + size
+                self._frame(payload)
+        finally:
+            # Consumed frames go, even if handling one raised: never handle a frame twice.
+            if off and buf is self._recv:
+                del buf[:off]
 
     def _frame(self, payload: bytes) -> None:
         if self.state is LinkState.UP:

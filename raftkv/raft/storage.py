@@ -55,6 +55,10 @@ def open_storage(directory: Path, shard_id: int, *, durable: bool = False) -> Re
         snapshot_path = directory / SNAPSHOT
         snapshot = read_snapshot(snapshot_path, what) if snapshot_path.exists() else None
         _check_whole(directory, what, meta, journal, snapshot)
+        if not meta.existed:
+            # A new replica: meta.json exists from now on, so its absence next to a journal
+            # or a snapshot always means a term and vote were lost.
+            meta.save()
     except StorageError:
         journal._destroy()
         raise
@@ -71,16 +75,22 @@ def _check_whole(
     )
     first = journal.first_index
     covered = snapshot.last_applied.index if snapshot is not None else 0
-    # meta.json is first written after the journal holds its first entry, and a compacted
-    # journal still holds the two entries around the snapshot: a journal with no entries
-    # next to a meta.json has lost whatever followed the snapshot (or everything).
+    if not meta.existed and (journal.existed or snapshot is not None):
+        raise StorageError(
+            f"{what}: {directory / META} is missing: this replica's term and vote are lost, "
+            f"so it could vote twice in one term; {lost}"
+        )
+    # A journal always holds at least one entry once meta.json exists (pysyncobj adds one at
+    # once, and a compacted journal keeps the two around the snapshot): a journal with no
+    # entries next to a meta.json has lost whatever followed the snapshot (or everything).
     if meta.existed and not journal.existed and not meta.recovering:
         raise StorageError(
             f"{what}: {directory / META} records term {meta.term} but {directory / JOURNAL} "
             f"is missing or empty: {lost}"
         )
-    reaches = max(journal.last_index, covered)
-    if meta.existed and meta.commit_index > reaches:
+    # (Index 1 is the no-op every log starts with: a commit index of 1 claims nothing.)
+    reaches = max(journal.last_index, covered, 1)
+    if meta.existed and not meta.recovering and meta.commit_index > reaches:
         raise StorageError(
             f"{what}: this replica had recorded commit index {meta.commit_index} but its "
             f"journal and snapshot only reach index {reaches}: {lost}"

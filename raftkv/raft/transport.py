@@ -13,9 +13,12 @@ driven by the shared poller, so no locks or cross-thread queues are needed.
 Per pair of nodes the one with the larger id dials; the links authenticate as described in
 :mod:`raftkv.raft.handshake`. A link that passed authentication replaces an older one from the
 same peer (the peer restarted). Strangers are bounded: at most :data:`MAX_PENDING_LINKS`
-unauthenticated connections at a time (more are closed on accept, so the node can never run
-out of file descriptors through this port), each with a handshake deadline and a byte cap.
-Log lines that a stranger can trigger are throttled.
+unauthenticated connections at a time, :data:`MAX_PENDING_PER_HOST` from one address, each
+with a handshake deadline and a byte cap. When either cap is reached the *oldest* pending
+connection is closed, not the newest: a peer reconnecting always gets its turn, and idle
+connections cannot lock the cluster out, nor run the node out of file descriptors. Nothing an
+unauthenticated connection says changes a peer's state; log lines it can trigger are
+throttled per source address.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pysyncobj.transport import Transport
 from raftkv.config import ClusterConfig, split_hostport
 from raftkv.raft import handshake as hs
 from raftkv.raft import wire
-from raftkv.raft.link import Link, LinkLimits, LinkSecurity, tune_socket
+from raftkv.raft.link import Link, LinkLimits, LinkSecurity, LinkState, tune_socket
 from raftkv.throttle import Throttle
 
 log = logging.getLogger("raftkv.transport")
@@ -46,6 +49,7 @@ PING_INTERVAL_S = 0.5
 # A peer that refused us (other cluster file, other secret) is retried this much less often.
 REFUSED_BACKOFF_S = 5.0
 MAX_PENDING_LINKS = 64
+MAX_PENDING_PER_HOST = 16
 LISTEN_BACKLOG = 64
 
 
@@ -168,7 +172,9 @@ class MuxTransport:
             if n.id != node_id:
                 host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
                 self._peers[n.id] = _Peer(n.id, host, port)
-        self._pending: set[Link] = set()  # accepted, not yet authenticated
+        # Accepted, not yet authenticated, oldest first (a dict keeps insertion order).
+        self._pending: dict[Link, str] = {}
+        self._closing: set[Link] = set()  # closed, still draining a refusal
         self._to_flush: list[Link] = []  # links with frames queued this loop turn
         self._listen: socket.socket | None = None
         self._ip = "0.0.0.0"
@@ -218,7 +224,7 @@ class MuxTransport:
             for link in (peer.link, peer.dialing):
                 if link is not None:
                     link.close("node stopping")
-        for link in list(self._pending):
+        for link in [*self._pending, *self._closing]:
             link.close("node stopping")
         if self._listen is not None:
             with contextlib.suppress(OSError, KeyError, ValueError):
@@ -273,8 +279,9 @@ class MuxTransport:
 
     def tick(self) -> None:
         now = time.monotonic()
-        for pending in list(self._pending):
+        for pending in [*self._pending, *self._closing]:
             pending.check_timeouts(now)
+        self._closing = {link for link in self._closing if not link.finished}
         for peer in self._peers.values():
             for link in (peer.link, peer.dialing):
                 if link is not None:
@@ -345,17 +352,8 @@ class MuxTransport:
                 if self._throttle.allow("accept"):
                     log.warning("accept on the Raft port failed: %s", e.strerror or e)
                 return
-            remote = f"{addr[0]}:{addr[1]}"
-            if len(self._pending) >= MAX_PENDING_LINKS:
-                sock.close()
-                if self._throttle.allow("pending-cap"):
-                    log.warning(
-                        "Raft port: %d connections are still authenticating; refusing new ones "
-                        "(latest from %s). Is someone other than the cluster connecting?",
-                        len(self._pending),
-                        remote,
-                    )
-                continue
+            host, remote = str(addr[0]), f"{addr[0]}:{addr[1]}"
+            self._make_room(host)
             try:
                 tune_socket(sock)
             except OSError:
@@ -371,7 +369,26 @@ class MuxTransport:
                 listener=self,
             )
             if not link.closed:
-                self._pending.add(link)
+                self._pending[link] = host
+
+    def _make_room(self, host: str) -> None:
+        """Evict the oldest pending connection if a cap is reached (see the module docstring)."""
+        same_host = [link for link, h in self._pending.items() if h == host]
+        if len(same_host) >= MAX_PENDING_PER_HOST:
+            victim = same_host[0]
+        elif len(self._pending) >= MAX_PENDING_LINKS:
+            victim = next(iter(self._pending))
+        else:
+            return
+        victim.close("closed to make room: too many connections are still authenticating")
+        if self._throttle.allow(f"evict:{host}"):
+            log.warning(
+                "Raft port: %d connections are authenticating (%d from %s); closing the oldest "
+                "to make room. Is something other than the cluster connecting?",
+                len(self._pending),
+                len(same_host),
+                host,
+            )
 
     # -- LinkListener ------------------------------------------------------------------------
 
@@ -416,7 +433,7 @@ class MuxTransport:
 
     def link_up(self, link: Link) -> None:
         peer = self._peers[link.peer_id]
-        self._pending.discard(link)
+        self._pending.pop(link, None)
         if peer.dialing is link:
             peer.dialing = None
         if peer.link is not None and peer.link is not link:
@@ -438,14 +455,20 @@ class MuxTransport:
             link.close(f"malformed frame from {link.peer_id}: {e}")
             log.error("dropping the Raft link to %s: %s", link.peer_id, e)
             return
-        if kind == "raft":
-            shard = self._shards.get(shard_id)
-            if shard is not None:
-                shard.deliver(link.peer_id, body)
-        elif kind == "peer_state":
-            peer = self._peers[link.peer_id]
-            peer.terms = body
-            self._on_peer_state(peer.node_id, body)
+        try:
+            if kind == "raft":
+                shard = self._shards.get(shard_id)
+                if shard is not None:
+                    shard.deliver(link.peer_id, body)
+            elif kind == "peer_state":
+                peer = self._peers[link.peer_id]
+                peer.terms = body
+                self._on_peer_state(peer.node_id, body)
+        except Exception:
+            # Handling belongs to a shard (which reports its own storage errors); whatever
+            # else escapes must not cut the poller's other events short.
+            if self._throttle.allow(f"frame:{kind}"):
+                log.exception("handling a %s frame from %s failed", kind, link.peer_id)
 
     def refused_by_peer(self, link: Link, code: int, reason: str) -> None:
         if not link.dialer:
@@ -470,7 +493,9 @@ class MuxTransport:
             log.error("raft link to %s (%s) %s", link.expected_peer, link.remote, problem)
 
     def link_closed(self, link: Link, reason: str) -> None:
-        self._pending.discard(link)
+        host = self._pending.pop(link, None)
+        if link.state is LinkState.CLOSING:
+            self._closing.add(link)  # its drain deadline is still checked on every tick
         for peer in self._peers.values():
             if peer.link is link:
                 peer.link = None
@@ -484,20 +509,25 @@ class MuxTransport:
             dialled = self._peers.get(link.expected_peer)
             if dialled is not None and dialled.link is None:
                 dialled.problem = reason  # why our last attempt failed, for status
-        elif link.peer_id and link.peer_id in self._peers:
-            claimed = self._peers[link.peer_id]
-            if claimed.link is None:
-                # Our own words about a connection that only claimed to be this peer.
-                claimed.problem = f"a connection claiming to be {link.peer_id} failed: {reason}"
+        elif (
+            link.peer_id in self._peers
+            and self._peers[link.peer_id].link is None
+            and not reason.startswith("refused by the peer")
+        ):
+            # Our own words about a connection that only claimed to be this peer (never the
+            # text it sent us: it had not authenticated).
+            self._peers[
+                link.peer_id
+            ].problem = f"a connection claiming to be {link.peer_id} failed: {reason}"
         if reason not in ("node stopping", "the peer closed the connection") and not (
             reason.startswith("connect to") or reason.startswith("refused by the peer")
         ):
             # A connection that never authenticated: say why (a stranger, a misconfigured
-            # node, a certificate problem), throttled because strangers choose how often.
+            # node, a certificate problem), throttled per source address because strangers
+            # choose how often and what they claim.
             who = link.peer_id or link.expected_peer or "an unauthenticated peer"
             direction = "to" if link.dialer else "from"
-            key = f"reject:{who}:{reason[:40]}"
-            if self._throttle.allow(key):
+            if self._throttle.allow(f"reject:{host or link.remote}"):
                 log.warning(
                     "raft port: closed the connection %s %s (%s): %s",
                     direction,

@@ -883,11 +883,13 @@ def test_a_strangers_refusal_does_not_keep_a_peer_link_down(tmp_path: Path) -> N
             b"R" + bytes([hs.RefuseCode.BAD_PROOF]) + b"a stranger's words"
         )
         stop = threading.Event()
+        attempts = [0]
 
         def stranger() -> None:
             while not stop.wait(0.3):
                 with contextlib.suppress(OSError):
                     exchange(raft_address(c, "n3"), attack, half_close=True)
+                attempts[0] += 1
 
         def n1_link() -> str:
             return next(n.raft_link for n in c.status("n3").nodes if n.id == "n1")
@@ -897,7 +899,8 @@ def test_a_strangers_refusal_does_not_keep_a_peer_link_down(tmp_path: Path) -> N
         thread = threading.Thread(target=stranger, daemon=True)
         thread.start()
         try:
-            time.sleep(1)
+            wait_for(lambda: attempts[0] >= 3, 10, "the stranger to have had its say")
+            assert "stranger" not in n1_link()  # its words never reach status
             c.start_node("n1")
             # Without the stranger, n3 redials every 0.5 s: the link is up within a second.
             wait_for(lambda: n1_link() == "up", 8, f"n3's link to n1 (now {n1_link()!r})")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -313,3 +314,43 @@ def test_a_flood_of_1ms_deadlines_and_a_thousand_channels_leak_nothing(
     assert rss_mb(pid) < rss + 120, (rss, rss_mb(pid))
     with c.channel("n1") as ch:
         assert kv_grpc.KVStub(ch).Get(kv.GetRequest(key=b"chan"), timeout=10).value == b"v"
+
+
+def test_a_client_posing_as_a_forwarding_node_gets_the_client_limit(tmp_path: Path) -> None:
+    """The forwarding header only counts when a node vouches for it (a MAC with the secret)."""
+    env = {"RAFTKV_RAFT_SECRET": "only-the-nodes-know-this"}
+    with LocalCluster.create(
+        tmp_path,
+        nodes=3,
+        shards=2,
+        replicas=3,
+        env=env,
+        extra_args=("--max-concurrent-rpcs", "4"),
+    ) as c:
+        c.start()
+        messages: Counter[str] = Counter()
+
+        async def posing() -> None:
+            channel = c.dialer.channel(c.endpoint("n1"))
+            stub = kv_grpc.KVStub(channel)
+            spoof = (("raftkv-forwarded", "n2"),)
+
+            async def one(i: int) -> None:
+                try:
+                    await stub.Put(
+                        kv.PutRequest(key=f"pose-{i}".encode(), value=b"v"),
+                        timeout=20,
+                        metadata=spoof,
+                    )
+                    messages["OK"] += 1
+                except grpc.aio.AioRpcError as e:
+                    messages[(e.details() or "").split(" in flight")[0]] += 1
+
+            await asyncio.gather(*(one(i) for i in range(400)))
+            await channel.close()
+
+        asyncio.run(posing())
+        # Refused from the client pool, never the nodes' pool. (The header still stops the
+        # request from being forwarded again: a poser just gets NotLeader with the hint.)
+        overloaded = {m for m in messages if m.startswith("node overloaded")}
+        assert overloaded == {"node overloaded: 4 client requests"}, messages

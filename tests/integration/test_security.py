@@ -7,12 +7,14 @@ ports, TLS and token authentication with roles.
 """
 
 import asyncio
+import contextlib
 import os
 import pickle
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,6 +176,49 @@ def test_preauth_bytes_idle_sockets_and_connection_floods_are_bounded(tmp_path: 
                 s.close()
         assert rss_mb(n1) < rss_before + 60, (rss_before, rss_mb(n1))
         assert {n.raft_link for n in c.status("n1").nodes if n.id != "n1"} == {"up"}
+
+
+def test_strangers_cannot_lock_peers_out_or_flood_the_log(tmp_path: Path) -> None:
+    """Idle connections used to fill the pending cap and refuse the real peers; now the oldest
+    pending connection makes room. Made-up node ids used to log one line each."""
+    env = {"RAFTKV_RAFT_SECRET": "only-the-nodes-know-this"}
+    with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3, env=env) as c:
+        c.start()
+        log = c.nodes["n1"].log_dir / "n1" / "raftkv.log"
+        before = log.read_text().count("raft port: closed the connection")
+        for i in range(30):  # thirty hellos, each claiming another node id
+            with socket.create_connection(raft_address(c, "n1"), timeout=5) as s:
+                own = hs.hello_body(f"intruder-{i}", "fp", os.urandom(32), True)
+                s.sendall(struct.pack(">I", len(own) + 1) + b"H" + own)
+                read_until_closed(s, 10)
+        assert log.read_text().count("raft port: closed the connection") - before <= 2
+
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def hold_the_door() -> None:  # keep 100 idle connections open, renewing them
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection(raft_address(c, "n1"), timeout=5))
+                if len(held) > 100:
+                    held.pop(0).close()
+                stop.wait(0.02)
+
+        thread = threading.Thread(target=hold_the_door, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: len(held) >= 100, 20, "100 idle connections")
+            c.restart("n2")  # n2 dials n1: it must get in past the idle crowd
+            wait_for(
+                lambda: {n.raft_link for n in c.status("n1").nodes if n.id != "n1"} == {"up"},
+                15,
+                "n1's links to come back up",
+            )
+        finally:
+            stop.set()
+            thread.join(10)
+            for s in held:
+                s.close()
 
 
 def _serve_refuses(tmp_path: Path, toml: str, *extra: str) -> str:

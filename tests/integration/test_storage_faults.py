@@ -150,17 +150,35 @@ def test_damaged_or_missing_files_are_named_and_never_served(tmp_path: Path, dam
         assert read_through(c, "n2", list(items)) == items
 
 
-def test_a_journal_cut_mid_record_is_repaired_with_a_warning(tmp_path: Path) -> None:
+def test_a_journal_cut_mid_record_is_refused_and_rebuilt(tmp_path: Path) -> None:
     with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
         c.start()
         items = write_keys(c, "torn", 200)
         c.stop_node("n2")
         journal = c.nodes["n2"].data_dir / "shard-1" / "journal.bin"
-        offset, _ = record_offsets(journal)[-1]
-        os.truncate(journal, offset + 11)  # the last record's write was torn
+        offset, _ = record_offsets(journal)[-3]
+        os.truncate(journal, offset + 11)  # cut inside a record: truncated, not a crash
+        out = exits_with_message(c, "n2")
+        assert str(journal) in out and "ends inside record" in out, out[-2000:]
+        c.start_node("n2", args=("--recover-from-peers",))
+        wait_converged(c)
+        assert read_through(c, "n2", list(items)) == items
+
+
+def test_a_write_torn_by_a_crash_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
+        c.start()
+        items = write_keys(c, "torn", 200)
+        c.stop_node("n2")
+        journal = c.nodes["n2"].data_dir / "shard-1" / "journal.bin"
+        offset, size = record_offsets(journal)[-1]
+        data = bytearray(journal.read_bytes())
+        end = offset + 8 + size
+        data[end - 10 : end] = bytes(10)  # the end of the last write never reached the disk
+        journal.write_bytes(bytes(data))
         c.start_node("n2")
         log = (c.nodes["n2"].log_dir / "n2" / "raftkv.log").read_text()
-        assert f"{journal}: record" in log and "cut short" in log
+        assert f"{journal}: record" in log and "half written" in log
         wait_converged(c)
         assert read_through(c, "n2", list(items)) == items
 
@@ -171,11 +189,16 @@ def test_a_missing_shard_directory_is_rebuilt_without_ever_voting_blind(tmp_path
         items = write_keys(c, "gone", 200)
         c.stop_node("n3")
         shutil.rmtree(c.nodes["n3"].data_dir / "shard-0")
+        (c.nodes["n3"].data_dir / "shard-1" / "meta.json").unlink()  # and one lost its vote
+        out = exits_with_message(c, "n3")
+        assert "meta.json is missing" in out and "vote twice" in out
+        for f in (c.nodes["n3"].data_dir / "shard-1").iterdir():  # emptied by an operator
+            f.unlink()
         c.start_node("n3")
         log = c.nodes["n3"].log_dir / "n3" / "raftkv.log"
         wait_converged(c)
         text = log.read_text()
-        assert "is missing; rebuilding this replica from its peers" in text
+        assert text.count("is missing or empty; rebuilding this replica from its peers") == 2
         assert "rebuilt from peers" in text and "term fence" in text
         assert read_through(c, "n3", list(items)) == items
 

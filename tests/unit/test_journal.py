@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,11 @@ def test_a_torn_last_record_is_dropped_with_a_warning(
 ) -> None:
     filled(tmp_path)._destroy()
     path = tmp_path / "journal.bin"
-    path.write_bytes(path.read_bytes()[:-5])  # the write of record 5 was cut short
+    offset, size = record_offsets(path)[-1]
+    data = bytearray(path.read_bytes())
+    end = offset + 8 + size
+    data[end - 12 : end] = bytes(12)  # the rest of record 5's write never reached the disk
+    path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         j = journal(tmp_path)
     assert [e[1] for e in j] == [1, 2, 3, 4]
@@ -61,6 +66,16 @@ def test_a_torn_last_record_is_dropped_with_a_warning(
     j.add(b"\x00again", 5, 2)  # appends continue at the right place
     j._destroy()
     assert [e[0] for e in journal(tmp_path)][-1] == b"\x00again"
+
+
+def test_a_cut_journal_is_refused_not_repaired(tmp_path: Path) -> None:
+    filled(tmp_path)._destroy()
+    path = tmp_path / "journal.bin"
+    offset, _ = record_offsets(path)[2]
+    os.truncate(path, offset + 11)  # cut inside record 3 (and the allocated space after)
+    with pytest.raises(StorageError, match="ends inside record 3"):
+        journal(tmp_path)
+    assert path.stat().st_size == offset + 11
 
 
 def test_zeros_after_the_last_record_end_the_log_quietly(tmp_path: Path) -> None:
@@ -74,24 +89,36 @@ def test_zeros_after_the_last_record_end_the_log_quietly(tmp_path: Path) -> None
     assert [e[1] for e in journal(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_last_record_that_does_not_check_before_zeros_is_a_torn_write(tmp_path: Path) -> None:
+def test_a_flipped_bit_in_the_last_record_is_corruption_not_a_torn_write(tmp_path: Path) -> None:
     filled(tmp_path)._destroy()
     path = tmp_path / "journal.bin"
     offset, _ = record_offsets(path)[-1]
-    data = bytearray(path.read_bytes() + b"\0" * 512)
-    data[offset + 25] ^= 0xFF  # the last record was half written over preallocated zeros
+    data = bytearray(path.read_bytes())
+    data[offset + 25] ^= 0xFF
     path.write_bytes(bytes(data))
-    j = journal(tmp_path)
-    assert [e[1] for e in j] == [1, 2, 3, 4] and "record 5" in j.repaired
+    with pytest.raises(StorageError, match=r"record 5 at offset .* fails its checksum"):
+        journal(tmp_path)
 
 
 def test_room_is_preallocated_ahead_of_appends(tmp_path: Path) -> None:
     j = filled(tmp_path, 2)
-    assert j.ensure_room(1000)
     size = (tmp_path / "journal.bin").stat().st_size
-    assert size >= 4 * 1024 * 1024  # one chunk ahead
-    assert j.ensure_room(10)  # no new allocation needed
+    assert size >= 4 * 1024 * 1024  # the appends reserved a chunk ahead
+    assert j.room() > 2 * 1024 * 1024 and not j.low_on_space
+    j.keep_room()  # enough room: no new allocation
     assert (tmp_path / "journal.bin").stat().st_size == size
+
+
+def test_a_length_running_past_the_end_is_refused_not_repaired(tmp_path: Path) -> None:
+    filled(tmp_path, 100)._destroy()
+    path = tmp_path / "journal.bin"
+    offset, _ = record_offsets(path)[49]
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x80  # a flipped high bit in record 50's length field
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="record 50"):
+        journal(tmp_path)
+    assert path.stat().st_size == len(data)  # nothing was cut off
 
 
 def test_out_of_order_indexes_are_corruption(tmp_path: Path) -> None:
@@ -148,7 +175,9 @@ def snapshot_at(index: int) -> pb.Snapshot:
 def test_a_compacted_journal_without_its_snapshot_refuses_to_start(tmp_path: Path) -> None:
     shard = tmp_path / "shard-3"
     shard.mkdir()
-    j = Journal(shard / "journal.bin", MetaStore(shard / "meta.json", what="s"), what="s")
+    meta = MetaStore(shard / "meta.json", what="s")
+    meta.save()
+    j = Journal(shard / "journal.bin", meta, what="s")
     for i in range(899, 905):
         j.add(b"\x00c", i, 2)
     j._destroy()
@@ -163,6 +192,18 @@ def test_a_compacted_journal_without_its_snapshot_refuses_to_start(tmp_path: Pat
     snapfile.write_snapshot(shard / "snapshot.bin", snapshot_at(500))  # too old: a gap
     with pytest.raises(StorageError, match="only reaches index 500"):
         open_storage(shard, 3)
+
+
+def test_a_journal_without_its_meta_file_has_lost_its_vote(tmp_path: Path) -> None:
+    shard = tmp_path / "shard-1"
+    storage = open_storage(shard, 1)  # a new replica writes meta.json at once
+    assert (shard / "meta.json").exists()
+    storage.journal.add(b"\x00c", 1, 0)
+    storage.journal.setCurrentTerm(7, "n2")
+    storage.journal._destroy()
+    (shard / "meta.json").unlink()
+    with pytest.raises(StorageError, match=r"meta\.json is missing"):
+        open_storage(shard, 1)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "header"])
