@@ -68,6 +68,21 @@ def wait_converged(c: LocalCluster, timeout: float = 60) -> None:
     wait_for(lambda: converged(c)[0], timeout, "every replica to hold the same data")
 
 
+def refused_then_rebuilt(
+    c: LocalCluster, node: str, mentions: list[str], items: dict[bytes, bytes]
+) -> str:
+    """``node`` refuses to start, saying all of ``mentions``; the others serve ``items``;
+    ``--recover-from-peers`` rebuilds it and it serves them too. Returns what it said."""
+    out = exits_with_message(c, node)
+    assert all(m in out for m in mentions), out[-2000:]
+    reader = next(n for n in c.nodes if n != node)
+    assert read_through(c, reader, list(items)) == items
+    c.start_node(node, args=("--recover-from-peers",))
+    wait_converged(c)
+    assert read_through(c, node, list(items)) == items
+    return out
+
+
 def test_a_flipped_bit_is_detected_and_the_replica_is_rebuilt(tmp_path: Path) -> None:
     with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
         c.start()
@@ -82,15 +97,9 @@ def test_a_flipped_bit_is_detected_and_the_replica_is_rebuilt(tmp_path: Path) ->
             data[middle + 8 + 16 + i] ^= 0x5A
         journal.write_bytes(bytes(data))
 
-        out = exits_with_message(c, "n1")
-        assert str(journal) in out and f"record {len(records) // 2 + 1}" in out
-        assert "fails its checksum" in out and "--recover-from-peers" in out
-        # the other two keep serving the right values
-        assert read_through(c, "n2", list(items)) == items
-
-        c.start_node("n1", args=("--recover-from-peers",))
-        wait_converged(c)
-        assert read_through(c, "n1", list(items)) == items
+        record = f"record {len(records) // 2 + 1}"
+        mentions = [str(journal), record, "fails its checksum", "--recover-from-peers"]
+        refused_then_rebuilt(c, "n1", mentions, items)
         aside = list((c.nodes["n1"].data_dir).glob("shard-0.broken-*"))
         assert len(aside) == 1 and (aside[0] / "journal.bin").exists()
 
@@ -142,12 +151,7 @@ def test_damaged_or_missing_files_are_named_and_never_served(tmp_path: Path, dam
         else:
             journal.unlink()
             named, why = shard / "meta.json", "journal.bin is missing"
-        out = exits_with_message(c, "n2")
-        assert str(named) in out and why in out, out[-2000:]
-        assert read_through(c, "n1", list(items)) == items
-        c.start_node("n2", args=("--recover-from-peers",))
-        wait_converged(c)
-        assert read_through(c, "n2", list(items)) == items
+        refused_then_rebuilt(c, "n2", [str(named), why], items)
 
 
 def test_a_journal_cut_mid_record_is_refused_and_rebuilt(tmp_path: Path) -> None:
@@ -158,11 +162,7 @@ def test_a_journal_cut_mid_record_is_refused_and_rebuilt(tmp_path: Path) -> None
         journal = c.nodes["n2"].data_dir / "shard-1" / "journal.bin"
         offset, _ = record_offsets(journal)[-3]
         os.truncate(journal, offset + 11)  # cut inside a record: truncated, not a crash
-        out = exits_with_message(c, "n2")
-        assert str(journal) in out and "ends inside record" in out, out[-2000:]
-        c.start_node("n2", args=("--recover-from-peers",))
-        wait_converged(c)
-        assert read_through(c, "n2", list(items)) == items
+        refused_then_rebuilt(c, "n2", [str(journal), "ends inside record"], items)
 
 
 def test_a_write_torn_by_a_crash_is_dropped_with_a_warning(tmp_path: Path) -> None:
