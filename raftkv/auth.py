@@ -109,6 +109,7 @@ _READ, _WRITE = Role.READ, Role.READWRITE
 METHOD_ROLES: Mapping[str, Role] = MappingProxyType(
     {
         "/raftkv.v1.KV/Get": _READ,
+        "/raftkv.v1.Admin/GetView": _READ,
         "/raftkv.v1.KV/GetMany": _READ,
         "/raftkv.v1.KV/Put": _WRITE,
         "/raftkv.v1.KV/Delete": _WRITE,

@@ -27,6 +27,7 @@ from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.auth import Authenticator
 from raftkv.client import DEFAULT_ENDPOINT, Client
 from raftkv.config import (
+    SECRET_ENV,
     SECRET_FILE_ENV,
     ClusterConfig,
     ConfigError,
@@ -40,6 +41,7 @@ from raftkv.config import (
 )
 from raftkv.errors import KeyNotFound, PermissionDenied, RaftKVError, Unauthenticated, Unavailable
 from raftkv.network import ClientTLS
+from raftkv.view import ClusterView
 
 app = typer.Typer(
     help="raftkv: a sharded, Raft-replicated key-value store with a gRPC API.",
@@ -133,6 +135,35 @@ def serve(
     node_id: Annotated[
         str, typer.Option("--id", help="This node's id: a [nodes.<id>] table of the cluster file.")
     ] = "n1",
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join",
+            help="Join a running cluster through these gRPC endpoints (comma-separated): "
+            "adds this node (--id, --grpc, --raft) as a member, then serves. Needs an admin "
+            "token (RAFTKV_TOKEN_FILE) when the cluster requires tokens. Ignored once the "
+            "data dir holds a view (the node is a member already).",
+            show_default=False,
+        ),
+    ] = None,
+    grpc_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--grpc", help="This node's gRPC HOST:PORT (with --join).", show_default=False
+        ),
+    ] = None,
+    raft_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--raft", help="This node's Raft HOST:PORT (with --join).", show_default=False
+        ),
+    ] = None,
+    join_token_file: Annotated[
+        Path | None,
+        _path_option(
+            "--join-token-file", "RAFTKV_TOKEN_FILE", "Admin token used to join (with --join)."
+        ),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -270,11 +301,22 @@ def serve(
     Exit codes: 0 stopped cleanly; 2 bad flags or configuration, unusable data dir, or a
     port that cannot be bound (the message says which).
     """
+    from raftkv.node import load_saved_view
+
+    resolved_data_dir = data_dir or Path("data") / node_id
     try:
-        config = ClusterConfig.load(cluster) if cluster else ClusterConfig.single_node()
-        config.node(node_id)
-        if secret_file is not None:
-            config = dataclasses.replace(config, secret=read_secret_file(secret_file))
+        saved = load_saved_view(resolved_data_dir)
+        config: ClusterConfig | None
+        if cluster:
+            config = ClusterConfig.load(cluster)
+        elif saved is not None or join:
+            config = None  # the view (saved, or from the cluster we join) has the node table
+        else:
+            config = ClusterConfig.single_node()
+        if join and saved is None and (grpc_addr is None or raft_addr is None):
+            raise ConfigError("--join needs this node's --grpc and --raft addresses")
+        secret = read_secret_file(secret_file) if secret_file is not None else None
+        secret = secret or os.environ.get(SECRET_ENV) or (config.secret if config else None)
         security = Security(
             grpc_tls=_server_tls(cert_file, key_file, trusted_ca_file, client_cert_auth),
             peer_tls=_peer_tls(peer_cert_file, peer_key_file, peer_trusted_ca_file),
@@ -283,11 +325,11 @@ def serve(
         )
         authenticator = Authenticator(auth_token_file, auth_key_file)
         limits = Limits(max_concurrent_rpcs=max_concurrent_rpcs)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, RaftKVError) as e:
         raise fail(str(e)) from None
     settings = NodeSettings(
         node_id=node_id,
-        data_dir=data_dir or Path("data") / node_id,
+        data_dir=resolved_data_dir,
         log_dir=log_dir,
         limits=limits,
         leader_wait_s=leader_wait,
@@ -308,12 +350,54 @@ def serve(
     from raftkv.raft.transport import RaftBindError
     from raftkv.server import serve as run_server
 
+    async def main() -> None:
+        view = saved
+        if join and saved is None:
+            assert grpc_addr is not None and raft_addr is not None
+            view = await _join(join, node_id, grpc_addr, raft_addr, security, join_token_file)
+            log.info("joined cluster %s at view epoch %d", view.cluster_id, view.epoch)
+        elif join:
+            log.info("the data dir holds a cluster view: already a member, --join ignored")
+        base = config if config is not None else view.as_config() if view else None
+        assert base is not None
+        base = dataclasses.replace(base, secret=secret)
+        node = Node(base, settings, view, bootstrapped=config is not None)
+        await run_server(node, authenticator=authenticator)
+        if node.removed.is_set():
+            log.warning(
+                "node %s was removed from the cluster; its data dir can be deleted", node_id
+            )
+
     try:
-        node = Node(config, settings)
-        uvloop.run(run_server(node, authenticator=authenticator))
+        uvloop.run(main())
     except (RaftKVError, RaftBindError, ConfigError) as e:
         log.error("%s", e)
         raise fail(str(e)) from None
+
+
+async def _join(
+    endpoints: str,
+    node_id: str,
+    grpc_addr: str,
+    raft_addr: str,
+    security: Security,
+    token_file: Path | None,
+) -> ClusterView:
+    """Add this node to a running cluster (MemberAdd at any node) and return the view."""
+    tls = None
+    if security.grpc_tls is not None:
+        t = security.grpc_tls
+        tls = ClientTLS(t.trusted_ca_file, t.cert_file, t.key_file)
+    try:
+        token = token_file.read_text().strip() if token_file is not None else None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the join token file {token_file}: {e.strerror or e}"
+        ) from None
+    token = token or os.environ.get("RAFTKV_TOKEN")
+    async with Client(endpoints, timeout=30.0, tls=tls, token=token) as c:
+        reply = await c.member_add(node_id, grpc_addr, raft_addr)
+    return ClusterView.from_proto(reply.view)
 
 
 def _server_tls(

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from raftkv._pb.raftkv.v1 import admin_pb2 as admin
+from raftkv._pb.raftkv.v1 import admin_pb2_grpc as admin_grpc
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.batcher import Batcher
@@ -276,6 +278,58 @@ class Client:
 
     async def status(self) -> kv.StatusResponse:
         return await self.refresh()
+
+    # -- membership (the admin role when authentication is on) --------------------------------
+
+    def _admin(self, endpoint: str) -> admin_grpc.AdminStub:
+        return admin_grpc.AdminStub(self._channel(endpoint))
+
+    async def view(self) -> admin.ClusterView:
+        """The cluster view (nodes, placement, epoch) as the node asked holds it."""
+        reply: admin.ClusterView = await self._call(
+            None,
+            lambda ep: self._admin(ep).GetView(
+                admin.GetViewRequest(), timeout=self.attempt_timeout, metadata=self._md
+            ),
+        )
+        return reply
+
+    async def member_add(
+        self, node_id: str, grpc_addr: str, raft_addr: str
+    ) -> admin.MemberChangeResponse:
+        """Add a node; replica moves onto it start as soon as it runs. Idempotent."""
+        request = admin.MemberAddRequest(id=node_id, grpc=grpc_addr, raft=raft_addr)
+        reply: admin.MemberChangeResponse = await self._call(
+            None,
+            lambda ep: self._admin(ep).MemberAdd(
+                request, timeout=self.attempt_timeout, metadata=self._md
+            ),
+        )
+        return reply
+
+    async def member_remove(
+        self, node_id: str, *, dead: bool = False
+    ) -> admin.MemberChangeResponse:
+        """Drain a node's replicas to the others, then remove it (``dead``: it is gone)."""
+        request = admin.MemberRemoveRequest(id=node_id, dead=dead)
+        reply: admin.MemberChangeResponse = await self._call(
+            None,
+            lambda ep: self._admin(ep).MemberRemove(
+                request, timeout=self.attempt_timeout, metadata=self._md
+            ),
+        )
+        return reply
+
+    async def rebalance(self, *, dry_run: bool = False) -> admin.RebalanceResponse:
+        """Recompute the placement for the current nodes (``dry_run``: only show it)."""
+        request = admin.RebalanceRequest(dry_run=dry_run)
+        reply: admin.RebalanceResponse = await self._call(
+            None,
+            lambda ep: self._admin(ep).Rebalance(
+                request, timeout=self.attempt_timeout, metadata=self._md
+            ),
+        )
+        return reply
 
     async def _groups(self, keys: Sequence[bytes]) -> dict[int | None, list[int]]:
         """shard → positions of ``keys`` (one None group while the ring is unknown)."""

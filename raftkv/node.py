@@ -26,16 +26,21 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
+from raftkv._pb.raftkv.v1 import admin_pb2 as admin
+from raftkv._pb.raftkv.v1 import admin_pb2_grpc as admin_grpc
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.admission import Gate
 from raftkv.config import ClusterConfig, ConfigError, NodeSettings, split_hostport
+from raftkv.durable import write_file
 from raftkv.errors import (
     LEADER_ENDPOINT_METADATA,
     LEADER_METADATA,
@@ -47,19 +52,22 @@ from raftkv.errors import (
     rpc_error,
 )
 from raftkv.network import Dialer, is_loopback, node_dialer, peer_contexts
-from raftkv.placement import Placement
 from raftkv.raft.handshake import Secret
 from raftkv.raft.link import LinkSecurity
 from raftkv.raft.storage import ReplicaStorage, create_recovering, open_storage, set_aside
 from raftkv.ring import Ring
 from raftkv.shard import RaftDriver, ShardReplica
 from raftkv.statemachine import digest_of
+from raftkv.view import META_SHARD, VIEW_KEY, ClusterView, group_name
 
 log = logging.getLogger("raftkv.node")
 
 T = TypeVar("T")
 FORWARDED_METADATA = "raftkv-forwarded"
 DATA_FORMAT = 2  # node.json "format": 2 = checksummed journals and snapshots
+VIEW_FILE = "view.pb"
+# How often a node checks the meta group for a newer cluster view.
+VIEW_REFRESH_S = 0.5
 # After a peer refuses a connection, do not try it again for this long.
 PEER_BACKOFF_S = 0.3
 
@@ -75,7 +83,14 @@ class Peer:
         # Stubs are cached: building one creates a callable per RPC method.
         self._kv: kv_grpc.KVStub | None = None
         self._cluster: kv_grpc.ClusterStub | None = None
+        self._admin: admin_grpc.AdminStub | None = None
         self.failed_at = 0.0
+
+    @property
+    def admin(self) -> admin_grpc.AdminStub:
+        if self._admin is None:
+            self._admin = admin_grpc.AdminStub(self.channel)
+        return self._admin
 
     @property
     def kv(self) -> kv_grpc.KVStub:
@@ -100,42 +115,234 @@ class Peer:
             await self._channel.close(None)
             self._channel = None
             self._kv = self._cluster = None
+            self._admin = None
 
 
 class Node:
     """One ``raftkv serve`` process."""
 
-    def __init__(self, cluster: ClusterConfig, settings: NodeSettings) -> None:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        settings: NodeSettings,
+        view: ClusterView | None = None,
+        *,
+        bootstrapped: bool = True,
+    ) -> None:
+        """Start from the newest of: the view saved in the data dir, ``view`` (what a joining
+        node was given), and the view the cluster file bootstraps (``bootstrapped``: the
+        ``cluster`` given is a real cluster file, not one made from a view).
+
+        After bootstrap, the cluster file no longer decides membership or placement.
+        """
         self.cluster = cluster
         self.settings = settings
         self.id = settings.node_id
-        cluster.node(self.id)  # fail early if the id is unknown
-        self.ring = Ring(cluster.shards, cluster.vnodes)
-        self.placement = Placement.of(cluster.node_ids, cluster.shards, cluster.replicas)
-        self.endpoints = {n.id: n.grpc for n in cluster.nodes}
+        saved = load_saved_view(settings.data_dir)
+        self._bootstrap = ClusterView.bootstrap(cluster) if bootstrapped else None
+        candidates = [v for v in (saved, view, self._bootstrap) if v is not None]
+        if not candidates:
+            raise ConfigError(
+                f"no cluster view: give --cluster (a new cluster), --join (a new node of a "
+                f"running cluster), or a data dir that holds one ({settings.data_dir})"
+            )
+        self.view = max(candidates, key=lambda v: v.epoch)
+        if self._bootstrap is not None and self._bootstrap.cluster_id != self.view.cluster_id:
+            raise ClusterMismatch(
+                f"data dir {settings.data_dir} holds the view of cluster "
+                f"{self.view.cluster_id}, but the cluster file is for "
+                f"{self._bootstrap.cluster_id}; "
+                "the cluster file only bootstraps a cluster: keep it as it was, or omit "
+                "--cluster (the node remembers its view)"
+            )
+        if view is not None and view.cluster_id != self.view.cluster_id:
+            raise ClusterMismatch(
+                f"{settings.data_dir / VIEW_FILE} belongs to cluster {self.view.cluster_id}, "
+                f"not {view.cluster_id}; use another --data-dir"
+            )
+        self.cluster_id = self.view.cluster_id
+        if self.view.node(self.id) is None:
+            raise ConfigError(
+                f"node {self.id!r} is not a member of the cluster (members: "
+                f"{', '.join(self.view.node_ids)}); add it with raftkv admin member add, or "
+                "start it with serve --join"
+            )
+        self.ring = Ring(self.view.shards, self.view.vnodes)
         security = settings.security
         link_security = self._check_exposure()
-        dialer = node_dialer(security.grpc_tls, security.peer_tls)
-        self.peers = {n.id: Peer(n.id, n.grpc, dialer) for n in cluster.nodes if n.id != self.id}
+        self._dialer = node_dialer(security.grpc_tls, security.peer_tls)
+        self.peers: dict[str, Peer] = {}
+        self._sync_peers()
         self._leader_cache: dict[int, str] = {}
         initialized = self._check_data_dir()
         storages = self._open_storages(initialized)
-        if not initialized:
+        if not initialized or self._write_node_json_after_open:
             # Only now: a node.json means "this node has been a member", so a shard directory
             # missing later is state that was lost (see _open_storages).
             self._write_node_json()
-        self.driver = RaftDriver(cluster, self.id, settings.raft, link_security)
+        self._save_view(self.view)
+        self.driver = RaftDriver(self.view, self.id, settings.raft, link_security)
         self.replicas: dict[int, ShardReplica] = {}
         for s, storage in storages.items():
-            others = [n for n in self.placement.replicas_of(s) if n != self.id]
-            self.replicas[s] = ShardReplica(s, self.id, others, storage, self.driver)
+            self.replicas[s] = self._replica(s, storage)
         self.started = False
+        # Set when a newer view no longer lists this node: it stops serving.
+        self.removed = asyncio.Event()
+        self._view_lock = asyncio.Lock()
         # Digests walk every key: one at a time per node, and only a few callers may queue.
         self._digest_gate = Gate(1, max_waiting=4, what="a data digest")
 
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return self.view.endpoints()
+
+    def _replica(self, shard_id: int, storage: ReplicaStorage) -> ShardReplica:
+        group = self.view.group(shard_id)
+        return ShardReplica(
+            shard_id,
+            self.id,
+            [n for n in group.replicas if n != self.id],
+            storage,
+            self.driver,
+            joining=self.id not in group.replicas,
+        )
+
+    def _sync_peers(self) -> list[Peer]:
+        """Make the gRPC peers match the view; return the ones no longer in it."""
+        want = {n.id: n.grpc for n in self.view.nodes if n.id != self.id}
+        gone = [p for nid, p in self.peers.items() if want.get(nid) != p.endpoint]
+        for p in gone:
+            del self.peers[p.node_id]
+        for nid, endpoint in want.items():
+            if nid not in self.peers:
+                self.peers[nid] = Peer(nid, endpoint, self._dialer)
+        return gone
+
+    def group_dir(self, shard_id: int) -> Path:
+        name = "meta" if shard_id == META_SHARD else f"shard-{shard_id}"
+        return self.settings.data_dir / name
+
+    # -- the cluster view ---------------------------------------------------------------------
+
+    def bootstrap_view(self) -> ClusterView:
+        """The view the meta group holds before its first change (epoch 1)."""
+        if self._bootstrap is None:
+            raise Unavailable(
+                "the meta group holds no cluster view yet and this node was not started "
+                "from the cluster file; ask a node that was"
+            )
+        return self._bootstrap
+
+    def _save_view(self, view: ClusterView) -> None:
+        write_file(self.settings.data_dir / VIEW_FILE, view.encode(), overwrite=True)
+
+    async def apply_view(self, view: ClusterView) -> bool:
+        """Adopt a newer view: peers, Raft links, and the replicas this node hosts."""
+        async with self._view_lock:
+            if view.epoch <= self.view.epoch or view.cluster_id != self.cluster_id:
+                return False
+            old = self.view
+            await asyncio.to_thread(self._save_view, view)
+            self.view = view
+            log.info(
+                "cluster view epoch %d (was %d)%s",
+                view.epoch,
+                old.epoch,
+                "; moves: " + "; ".join(view.moves()) if view.moves() else "",
+            )
+            for p in self._sync_peers():
+                await p.close()
+            raft_peers = {n.id: n.raft for n in view.nodes}
+            self.driver.call_soon(lambda: self.driver.transport.set_peers(raft_peers))
+            if view.node(self.id) is None:
+                log.warning("node %s is no longer a member of the cluster: stopping", self.id)
+                self.removed.set()
+                return True
+            await self._reconcile_replicas()
+            return True
+
+    async def _reconcile_replicas(self) -> None:
+        hosted = set(self.view.hosted_by(self.id))
+        for s in sorted(set(self.replicas) - hosted):
+            replica = self.replicas.pop(s)
+            await self.driver.call(lambda r=replica: self.driver.remove(r))  # type: ignore[misc]
+            directory = self.group_dir(s)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            log.warning(
+                "%s: this replica was removed from its group; stopped it and deleted %s",
+                group_name(s),
+                directory,
+            )
+        for s in sorted(hosted - set(self.replicas)):
+            await self.open_replica(s)
+
+    async def open_replica(self, shard_id: int) -> ShardReplica:
+        """Host a replica of a group this node is joining (empty, or what a crash left)."""
+        existing = self.replicas.get(shard_id)
+        if existing is not None:
+            return existing
+        directory = self.group_dir(shard_id)
+        storage = await asyncio.to_thread(
+            open_storage, directory, shard_id, durable=self.settings.raft.fsync
+        )
+        replica = await self.driver.call(lambda: self._replica(shard_id, storage))
+        self.replicas[shard_id] = replica
+        log.info(
+            "%s: opened a replica here (%s)",
+            group_name(shard_id),
+            replica.info.problem or "a voter",
+        )
+        return replica
+
+    async def ensure_epoch(self, epoch: int, timeout: float = 2.0) -> None:
+        """Fetch the view if someone has seen a newer one than ours."""
+        if epoch > self.view.epoch:
+            await self.refresh_view(timeout)
+
+    async def refresh_view(self, timeout: float = 1.0) -> None:
+        """Adopt the newest view the meta group holds: locally if we host it, else asked."""
+        meta = self.replicas.get(META_SHARD)
+        if meta is not None:
+            entry = meta.read_local(VIEW_KEY)
+            if entry is not None:
+                await self.apply_view(ClusterView.decode(entry.value))
+            return
+        hosts = [self.peers[n] for n in self.view.meta.hosts if n in self.peers]
+
+        async def ask(peer: Peer) -> ClusterView | None:
+            try:
+                reply = await peer.admin.GetView(
+                    admin.GetViewRequest(), timeout=timeout, metadata=self.node_metadata()
+                )
+                return ClusterView.from_proto(reply)
+            except (grpc.aio.AioRpcError, ValueError):
+                return None
+
+        views = [v for v in await asyncio.gather(*(ask(p) for p in hosts)) if v is not None]
+        if views:
+            await self.apply_view(max(views, key=lambda v: v.epoch))
+
+    def node_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What this node sends on its own calls to other nodes (set by the server's guard)."""
+        return self._node_metadata
+
+    def set_node_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._node_metadata = metadata
+
+    _node_metadata: tuple[tuple[str, str], ...] = ()
+
+    async def watch_view(self) -> None:
+        while True:
+            await asyncio.sleep(VIEW_REFRESH_S)
+            try:
+                await self.refresh_view()
+            except Exception:
+                log.exception("refreshing the cluster view failed")
+
     def _check_exposure(self) -> LinkSecurity:
         """Refuse to expose a port without protection; build the Raft port's security."""
-        me = self.cluster.node(self.id)
+        me = self.view.node(self.id)
+        assert me is not None
         security = self.settings.security
         raft_host, _ = split_hostport(me.raft, f"nodes.{self.id}.raft")
         if not is_loopback(raft_host) and not self.cluster.secret and security.peer_tls is None:
@@ -164,7 +371,7 @@ class Node:
             tls_server, tls_client = peer_contexts(security.peer_tls)
         return LinkSecurity(
             node_id=self.id,
-            fingerprint=self.cluster.fingerprint,
+            fingerprint=self.cluster_id,
             secret=Secret(self.cluster.secret) if self.cluster.secret else None,
             tls_server=tls_server,
             tls_client=tls_client,
@@ -181,17 +388,28 @@ class Node:
         storages: dict[int, ReplicaStorage] = {}
         problems: list[str] = []
         durable = self.settings.raft.fsync
-        for s in self.placement.shards_on(self.id):
-            directory = self.settings.data_dir / f"shard-{s}"
-            has_peers = len(self.placement.replicas_of(s)) > 1
-            if initialized and (not directory.exists() or not any(directory.iterdir())):
+        meta_known = self._node_json().get("meta", False)
+        for s in self.view.hosted_by(self.id):
+            directory = self.group_dir(s)
+            group = self.view.group(s)
+            has_peers = len(group.replicas) > 1
+            missing = not directory.exists() or not any(directory.iterdir())
+            voter = self.id in group.replicas
+            if missing and (not initialized or not voter or (s == META_SHARD and not meta_known)):
+                # A new node, a replica moving onto this node (it joins the group empty), or
+                # the meta group on a data dir from before it existed.
+                storages[s] = open_storage(directory, s, durable=durable)
+                continue
+            if missing:
                 if not has_peers:
-                    problems.append(f"shard {s}: {directory} is gone and has no other replica")
+                    problems.append(
+                        f"{group_name(s)}: {directory} is gone and has no other replica"
+                    )
                     continue
                 log.warning(
-                    "shard %d: %s is missing or empty; rebuilding this replica from its peers "
+                    "%s: %s is missing or empty; rebuilding this replica from its peers "
                     "(it will not vote until it has caught up)",
-                    s,
+                    group_name(s),
                     directory,
                 )
                 storages[s] = create_recovering(directory, s, durable=durable)
@@ -254,12 +472,12 @@ class Node:
                     f"data dir {d} belongs to node {have.get('node_id')!r}, not {self.id!r}; "
                     "use that node's id or another --data-dir"
                 )
-            if have.get("cluster_fingerprint") != self.cluster.fingerprint:
+            if have.get("cluster_fingerprint") != self.cluster_id:
                 raise ClusterMismatch(
                     f"data dir {d} was created by a cluster with fingerprint "
-                    f"{have.get('cluster_fingerprint')}, but this cluster file has "
-                    f"{self.cluster.fingerprint}; changing shards, replicas or nodes of an "
-                    "existing cluster is not supported yet"
+                    f"{have.get('cluster_fingerprint')}, but this cluster's is "
+                    f"{self.cluster_id}; the cluster file only bootstraps a cluster: to change "
+                    "its nodes use raftkv admin member add/remove, and keep the file as it was"
                 )
             if have.get("format") != DATA_FORMAT:
                 raise StorageError(
@@ -267,15 +485,29 @@ class Node:
                     "cannot serve it. Move it aside and start the node with an empty data dir "
                     "so it rebuilds from its peers"
                 )
+            if not have.get("meta"):
+                self._write_node_json_after_open = True
             return True
         return False
+
+    _write_node_json_after_open = False
+
+    def _node_json(self) -> dict[str, object]:
+        try:
+            have = json.loads((self.settings.data_dir / "node.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return have if isinstance(have, dict) else {}
 
     def _write_node_json(self) -> None:
         meta_path = self.settings.data_dir / "node.json"
         want = {
             "node_id": self.id,
-            "cluster_fingerprint": self.cluster.fingerprint,
+            "cluster_fingerprint": self.cluster_id,
             "format": DATA_FORMAT,
+            # This data dir has had a meta group directory (if the view placed one here) since
+            # it was created: a missing one is lost state, not an upgrade from before 0.3.
+            "meta": True,
         }
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(want, indent=2) + "\n")
@@ -289,8 +521,8 @@ class Node:
         log.info(
             "node %s up: shards %s, cluster %s",
             self.id,
-            sorted(self.replicas),
-            self.cluster.fingerprint,
+            sorted(group_name(s) for s in self.replicas),
+            self.cluster_id,
         )
 
     async def stop(self) -> None:
@@ -328,12 +560,14 @@ class Node:
         """The node to forward to: the known leader, else any replica not tried lately."""
         now = time.monotonic()
         leader = self.leader_of(shard_id)
-        if leader and leader != self.id and now - self.peers[leader].failed_at > PEER_BACKOFF_S:
+        peer = self.peers.get(leader)
+        if peer is not None and now - peer.failed_at > PEER_BACKOFF_S:
             return leader
         if shard_id in self.replicas:
             return ""  # we are a replica: wait for our own group to learn the leader
-        for n in self.placement.replicas_of(shard_id):
-            if n not in tried and now - self.peers[n].failed_at > PEER_BACKOFF_S:
+        for n in self.view.group(shard_id).replicas:
+            peer = self.peers.get(n)
+            if peer is not None and n not in tried and now - peer.failed_at > PEER_BACKOFF_S:
                 return n
         return ""
 
@@ -396,18 +630,19 @@ class Node:
         but local: each node judges from its own replicas' view and gives away at most one
         leadership per call, to the replica leading the fewest shards.
         """
-        leaders = {s: r.info.leader for s, r in self.replicas.items() if r.info.leader}
-        if len(leaders) < len(self.replicas):
+        shards = {s: r for s, r in self.replicas.items() if s != META_SHARD}
+        leaders = {s: r.info.leader for s, r in shards.items() if r.info.leader}
+        if len(leaders) < len(shards) or not shards:
             return False  # an election is in progress somewhere: leave it alone
-        counts = {n: 0 for n in self.cluster.node_ids}
+        counts = {n: 0 for n in self.view.node_ids}
         for leader in leaders.values():
             counts[leader] = counts.get(leader, 0) + 1
-        fair = -(-len(self.replicas) // self.cluster.replicas)  # ceil(hosted / R)
+        fair = -(-len(shards) // self.view.replicas)  # ceil(hosted / R)
         mine = [s for s, leader in leaders.items() if leader == self.id]
         if len(mine) <= fair:
             return False
         for shard in mine:
-            others = [n for n in self.placement.replicas_of(shard) if n != self.id]
+            others = [n for n in shards[shard].members if n != self.id and n in counts]
             target = min(others, key=lambda n: counts[n], default="")
             if target and counts[target] + 1 < len(mine):
                 log.info(
@@ -449,12 +684,12 @@ class Node:
                     keys=info.keys,
                     problem=info.problem,
                 )
-                if digest:
+                if digest and s != META_SHARD:
                     # Copy on the Raft thread (cheap), hash on a worker thread: the Raft thread
                     # must keep ticking every group while a large map is walked.
                     status.last_applied, items = await replica.snapshot_items()
                     status.digest = await asyncio.to_thread(digest_of, items)
-                resp.shards[s].replica_status.append(status)
+                _group_status(resp, s).replica_status.append(status)
         finally:
             if digest:
                 self._digest_gate.release()
@@ -463,25 +698,41 @@ class Node:
 
     def _status_skeleton(self) -> kv.StatusResponse:
         links = self.driver.transport.link_states()
+        view = self.view
+        load = {n: 0 for n in view.node_ids}
+        for _, g in enumerate(view.placement):
+            for n in g.hosts:
+                load[n] = load.get(n, 0) + 1
         return kv.StatusResponse(
             node=self.id,
-            shard_count=self.cluster.shards,
-            vnodes=self.cluster.vnodes,
-            cluster_fingerprint=self.cluster.fingerprint,
+            shard_count=view.shards,
+            vnodes=view.vnodes,
+            cluster_fingerprint=self.cluster_id,
+            epoch=view.epoch,
+            moves=view.moves(),
             nodes=[
-                kv.NodeInfo(id=n.id, grpc=n.grpc, raft=n.raft, raft_link=links.get(n.id, ""))
-                for n in self.cluster.nodes
+                kv.NodeInfo(
+                    id=n.id,
+                    grpc=n.grpc,
+                    raft=n.raft,
+                    raft_link=links.get(n.id, ""),
+                    state=n.state,
+                    meta=n.id in view.meta.hosts,
+                    replicas=load.get(n.id, 0),
+                )
+                for n in view.nodes
             ],
             shards=[
-                kv.ShardStatus(shard_id=s, replicas=list(self.placement.replicas_of(s)))
-                for s in range(self.cluster.shards)
+                kv.ShardStatus(shard_id=s, replicas=list(g.hosts))
+                for s, g in enumerate(view.placement)
             ],
+            meta=kv.ShardStatus(shard_id=META_SHARD, replicas=list(view.meta.hosts)),
         )
 
     @staticmethod
     def _summarize(resp: kv.StatusResponse) -> None:
         """Fill each shard's leader/term/commit from its replicas' own views."""
-        for shard in resp.shards:
+        for shard in [*resp.shards, resp.meta]:
             leaders = [r for r in shard.replica_status if r.role == "leader"]
             best = max(leaders, key=lambda r: r.term) if leaders else None
             shard.leader = best.node if best else ""
@@ -513,12 +764,12 @@ class Node:
             except grpc.aio.AioRpcError:
                 views[peer.node_id] = None
                 return
-            if view.cluster_fingerprint != self.cluster.fingerprint:
+            if view.cluster_fingerprint != self.cluster_id:
                 log.warning(
                     "node %s reports cluster fingerprint %s, ours is %s: ignoring its status",
                     peer.node_id,
                     view.cluster_fingerprint,
-                    self.cluster.fingerprint,
+                    self.cluster_id,
                 )
                 views[peer.node_id] = None
                 return
@@ -530,9 +781,11 @@ class Node:
         for view in views.values():
             if view is None:
                 continue
-            for shard in view.shards:
-                resp.shards[shard.shard_id].replica_status.extend(shard.replica_status)
-        for shard in resp.shards:
+            for shard in [*view.shards, view.meta]:
+                if shard.shard_id == META_SHARD or shard.shard_id < len(resp.shards):
+                    target = _group_status(resp, shard.shard_id)
+                    target.replica_status.extend(shard.replica_status)
+        for shard in [*resp.shards, resp.meta]:
             order = {n: i for i, n in enumerate(shard.replicas)}
             ordered = sorted(shard.replica_status, key=lambda r: order.get(r.node, 99))
             del shard.replica_status[:]
@@ -541,6 +794,28 @@ class Node:
                 self.learn_leader(shard.shard_id, r.leader)
         self._summarize(resp)
         return resp
+
+
+def load_saved_view(data_dir: Path) -> ClusterView | None:
+    """The last cluster view this data dir's node saw, if it has run before."""
+    path = data_dir / VIEW_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return ClusterView.decode(data)
+    except (ValueError, KeyError) as e:
+        raise StorageError(
+            f"{path} is damaged ({e}); move it aside and start the node with --cluster (or "
+            "--join): it then fetches the current view from the meta group"
+        ) from None
+
+
+def _group_status(resp: kv.StatusResponse, shard_id: int) -> kv.ShardStatus:
+    return resp.meta if shard_id == META_SHARD else resp.shards[shard_id]
 
 
 def leader_trailers(err: Unavailable) -> tuple[tuple[str, str], ...]:

@@ -44,6 +44,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from raftkv import command
+from raftkv._pb.raftkv.v1 import admin_pb2 as admin
 from raftkv._pb.raftkv.v1 import command_pb2 as cpb
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.admission import RETRY_AFTER_METADATA, Admission
@@ -59,15 +60,23 @@ from raftkv.errors import (
     Unavailable,
     status_for,
 )
+from raftkv.membership import Mover, ViewStore, change_replicas
 from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
 from raftkv.raft.handshake import Secret
 from raftkv.shard import ShardReplica
+from raftkv.view import META_SHARD, ClusterView
 
 log = logging.getLogger("raftkv.server")
 
 KV_SERVICE = "raftkv.v1.KV"
 CLUSTER_SERVICE = "raftkv.v1.Cluster"
+ADMIN_SERVICE = "raftkv.v1.Admin"
+# Methods one node calls on another on its own behalf (the replica mover, view refresh): a
+# node that vouches for itself (cluster secret or node certificate) needs no token for them.
+NODE_METHODS = frozenset(
+    f"/{ADMIN_SERVICE}/{m}" for m in ("GetView", "PrepareReplica", "ChangeReplicas")
+)
 _CONSISTENCIES = frozenset(kv.Consistency.values())
 # Requests received but not yet handed to a handler (see server_options).
 MAX_PENDING_REQUESTS = 25_000
@@ -174,9 +183,16 @@ class Guard:
             return token, False, False
         return token, True, self._vouched(marker, context)
 
-    def _caller(self, token: str, forwarded: bool, method: str) -> Caller:
+    @property
+    def node_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What this node sends when it calls another node on its own behalf."""
+        return self._own_forward
+
+    def _caller(self, token: str, forwarded: bool, method: str, vouched: bool = False) -> Caller:
         forward = self._own_forward + (((AUTHORIZATION, token),) if token else ())
         if self.authenticator is None:
+            return Caller(None, forward, forwarded)
+        if not token and vouched and self._vouching_possible and method in NODE_METHODS:
             return Caller(None, forward, forwarded)
         if not token:
             raise Unauthenticated(
@@ -203,7 +219,8 @@ class Guard:
                 )
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admission.refusal()))
             try:
-                return await fn(request, context, self._caller(token, forwarded, method))
+                caller = self._caller(token, forwarded, method, vouched)
+                return await fn(request, context, caller)
             except RaftKVError as e:
                 if isinstance(e, Unavailable):
                     if e.leader and not e.leader_endpoint:
@@ -647,6 +664,159 @@ class ClusterService:
         )
 
 
+class AdminService:
+    """Membership: the view, member add/remove, rebalancing; and the mover's node-to-node calls.
+
+    Changes run at the meta group's leader (forwarded there, one hop, like any request).
+    """
+
+    def __init__(self, node: Node, store: ViewStore) -> None:
+        self.node = node
+        self.store = store
+
+    def methods(self) -> list[_Method[Any, Any]]:
+        return [
+            _Method("GetView", admin.GetViewRequest, admin.ClusterView, self.get_view),
+            _Method(
+                "MemberAdd", admin.MemberAddRequest, admin.MemberChangeResponse, self.member_add
+            ),
+            _Method(
+                "MemberRemove",
+                admin.MemberRemoveRequest,
+                admin.MemberChangeResponse,
+                self.member_remove,
+            ),
+            _Method("Rebalance", admin.RebalanceRequest, admin.RebalanceResponse, self.rebalance),
+            _Method(
+                "PrepareReplica",
+                admin.PrepareReplicaRequest,
+                admin.PrepareReplicaResponse,
+                self.prepare_replica,
+            ),
+            _Method(
+                "ChangeReplicas",
+                admin.ChangeReplicasRequest,
+                admin.ChangeReplicasResponse,
+                self.change_replicas,
+            ),
+        ]
+
+    async def get_view(self, _request: Any, _context: Context, _caller: Caller) -> Any:
+        return self.node.view.to_proto()
+
+    async def _at_meta_leader(
+        self,
+        change: Callable[[ClusterView], ClusterView],
+        forward: Callable[[Peer, float], Awaitable[Any]],
+        context: Context,
+        caller: Caller,
+    ) -> tuple[ClusterView, ClusterView]:
+        deadline = _deadline(context, self.node.settings.proposal_timeout_s)
+
+        async def local(replica: ShardReplica) -> tuple[ClusterView, ClusterView]:
+            return await self.store.update(replica, change, max(0.1, deadline - time.monotonic()))
+
+        async def remote(peer: Peer, timeout: float) -> tuple[ClusterView, ClusterView]:
+            reply = await forward(peer, timeout)
+            after = ClusterView.from_proto(reply.view)
+            await self.node.apply_view(after)
+            return after, after
+
+        return await self.node.route(
+            META_SHARD, local, remote, forwarded=caller.forwarded, deadline=deadline
+        )
+
+    async def member_add(
+        self, request: admin.MemberAddRequest, context: Context, caller: Caller
+    ) -> Any:
+        if not request.id or not request.grpc or not request.raft:
+            raise InvalidArgument("member add needs an id, a gRPC address and a Raft address")
+        md = caller.forward_metadata
+        _, after = await self._at_meta_leader(
+            lambda v: v.with_member(request.id, request.grpc, request.raft).planned(),
+            lambda peer, t: peer.admin.MemberAdd(request, timeout=t, metadata=md),
+            context,
+            caller,
+        )
+        return admin.MemberChangeResponse(view=after.to_proto(), moves=len(after.moves()))
+
+    async def member_remove(
+        self, request: admin.MemberRemoveRequest, context: Context, caller: Caller
+    ) -> Any:
+        if not request.id:
+            raise InvalidArgument("member remove needs a node id")
+        md = caller.forward_metadata
+        _, after = await self._at_meta_leader(
+            lambda v: v.with_member_leaving(request.id, request.dead).planned(),
+            lambda peer, t: peer.admin.MemberRemove(request, timeout=t, metadata=md),
+            context,
+            caller,
+        )
+        return admin.MemberChangeResponse(view=after.to_proto(), moves=len(after.moves()))
+
+    async def rebalance(
+        self, request: admin.RebalanceRequest, context: Context, caller: Caller
+    ) -> Any:
+        if request.dry_run:
+            await self.node.refresh_view()
+            view = self.node.view
+            planned = view.planned()
+            return admin.RebalanceResponse(moves=_moves(planned), view=view.to_proto())
+        md = caller.forward_metadata
+        _, after = await self._at_meta_leader(
+            lambda v: v.planned(),
+            lambda peer, t: peer.admin.Rebalance(request, timeout=t, metadata=md),
+            context,
+            caller,
+        )
+        return admin.RebalanceResponse(moves=_moves(after), view=after.to_proto())
+
+    async def prepare_replica(
+        self, request: admin.PrepareReplicaRequest, _context: Context, _caller: Caller
+    ) -> Any:
+        await self.node.ensure_epoch(request.epoch)
+        shard = request.shard_id
+        if shard != META_SHARD and shard >= self.node.view.shards:
+            raise InvalidArgument(f"shard {shard} does not exist")
+        if self.node.id not in self.node.view.group(shard).hosts:
+            raise Unavailable(
+                f"node {self.node.id} holds view epoch {self.node.view.epoch}, which places no "
+                f"replica of shard {shard} here; retry once the view has spread"
+            )
+        await self.node.open_replica(shard)
+        return admin.PrepareReplicaResponse()
+
+    async def change_replicas(
+        self, request: admin.ChangeReplicasRequest, _context: Context, caller: Caller
+    ) -> Any:
+        if not request.node_id:
+            raise InvalidArgument("a replica change needs a node id")
+        await self.node.ensure_epoch(request.epoch)
+        members = await change_replicas(
+            self.node,
+            request.shard_id,
+            request.remove,
+            request.node_id,
+            request.epoch,
+            forwarded=caller.forwarded,
+        )
+        return admin.ChangeReplicasResponse(members=members)
+
+
+def _moves(view: ClusterView) -> list[admin.ReplicaMove]:
+    return [
+        admin.ReplicaMove(shard_id=s, from_replicas=g.replicas, to_replicas=g.target)
+        for s, g in view.groups()
+        if g.moving
+    ]
+
+
+def _deadline(context: Context, default: float) -> float:
+    remaining = context.time_remaining()
+    budget = default if remaining is None else min(remaining, 60.0)
+    return time.monotonic() + budget
+
+
 def register(server: grpc.aio.Server, guard: Guard, service: str, methods: list[Any]) -> None:
     """Register ``methods`` under ``service``, each behind the guard, with safe decoding."""
     handlers = {
@@ -698,16 +868,28 @@ async def serve(
         clients=Admission(limit, what="client requests"),
         # Every other node may forward up to its own client limit here.
         forwarded=Admission(
-            limit * max(1, len(node.cluster.nodes) - 1), what="requests forwarded by nodes"
+            limit * max(1, len(node.view.nodes) - 1), what="requests forwarded by nodes"
         ),
     )
+    node.set_node_metadata(guard.node_metadata)
+    store = ViewStore(node)
+    mover = Mover(node, store)
     register(server, guard, KV_SERVICE, KVService(node).methods())
     register(server, guard, CLUSTER_SERVICE, ClusterService(node).methods())
+    register(server, guard, ADMIN_SERVICE, AdminService(node, store).methods())
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (KV_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    services = (
+        KV_SERVICE,
+        CLUSTER_SERVICE,
+        ADMIN_SERVICE,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(services, server)
-    address = node.cluster.node(node.id).grpc
+    me = node.view.node(node.id)
+    assert me is not None
+    address = me.grpc
     tls = node.settings.security.grpc_tls
     try:
         if tls is not None:
@@ -729,7 +911,11 @@ async def serve(
         else "plaintext",
         "bearer tokens required" if guard.authenticator else "no client authentication",
     )
-    balancer = asyncio.create_task(node.balance_leaders())
+    background = [
+        asyncio.create_task(node.balance_leaders()),
+        asyncio.create_task(node.watch_view()),
+        asyncio.create_task(mover.run()),
+    ]
     if ready is not None:
         ready()
     stop = asyncio.Event()
@@ -738,9 +924,12 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     if guard.authenticator is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tokens, guard.authenticator)
-    await stop.wait()
+    removed = asyncio.create_task(node.removed.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait((removed, stopped), return_when=asyncio.FIRST_COMPLETED)
     log.info("node %s stopping", node.id)
-    balancer.cancel()
+    for task in (*background, removed, stopped):
+        task.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     await node.stop()

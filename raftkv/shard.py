@@ -45,8 +45,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pysyncobj.syncobj as pysyncobj_core
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
@@ -56,7 +56,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE, createPoller
 
 from raftkv import command
 from raftkv._pb.raftkv.v1 import command_pb2 as pb
-from raftkv.config import ClusterConfig, RaftTuning
+from raftkv.config import RaftTuning
 from raftkv.errors import (
     InvalidArgument,
     NoSpace,
@@ -74,12 +74,15 @@ from raftkv.raft.storage import ReplicaStorage
 from raftkv.raft.transport import MuxTransport, ShardTransport
 from raftkv.statemachine import Entry, StateMachine
 from raftkv.throttle import Throttle
+from raftkv.view import ClusterView
 
 log = logging.getLogger("raftkv.shard")
+T = TypeVar("T")
 
 # pysyncobj's command type bytes; we own everything after REGULAR's.
 _REGULAR = b"\x00"
 _NO_OP = b"\x01"
+_MEMBERSHIP = b"\x02"
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 SLOW_PROPOSAL_S = 1.0
 # Full tick period of every group (pysyncobj's timers run at this granularity).
@@ -112,6 +115,7 @@ class ReplicaInfo:
     last_applied: int
     keys: int
     problem: str = ""
+    members: list[str] = field(default_factory=list)
 
 
 class _Group(SyncObj):  # type: ignore[misc]
@@ -138,8 +142,43 @@ class _Group(SyncObj):  # type: ignore[misc]
             return self._machine.apply(data[1:], index)
         return None
 
-    def _SyncObj__parseChangeClusterRequest(self, _command: bytes) -> None:
-        return None  # membership changes are not pysyncobj's (and never unpickled)
+    # Membership entries are our ConfChange protobuf behind pysyncobj's MEMBERSHIP byte, never
+    # a pickle. pysyncobj applies them when they are appended (and undoes them when a new
+    # leader truncates them), one at a time, which is Raft's single-server change; at start-up
+    # the configuration is rebuilt from the snapshot and the log (see initial_members), so
+    # applying them again on commit is not needed.
+    def _SyncObj__parseChangeClusterRequest(self, command: bytes) -> tuple[str, str] | None:
+        return parse_conf_change(command)
+
+    def members(self) -> list[str]:
+        """Every voter, this replica included, as of the last appended entry."""
+        others = self._SyncObj__otherNodes
+        return sorted([self._SyncObj__selfNode.id, *(n.id for n in others)])
+
+    def set_members(self, members: set[str]) -> None:
+        """Take a configuration from an installed snapshot."""
+        me = self._SyncObj__selfNode.id
+        for n in self.members():
+            if n not in members and n != me:
+                self._SyncObj__doChangeCluster(("rem", n))
+        for n in sorted(members - set(self.members())):
+            self._SyncObj__doChangeCluster(("add", n))
+
+    def change_pending(self) -> bool:
+        """Is a membership change appended but not applied yet? (pysyncobj never tracks it:
+        its ``__changeClusterIDx`` is never set, so it would take a second change at once.)"""
+        journal = self._SyncObj__raftLog
+        applied = self._SyncObj__raftLastApplied
+        for i in range(len(journal) - 1, -1, -1):
+            entry = journal[i]
+            if entry[1] <= applied:
+                return False
+            if entry[0][:1] == _MEMBERSHIP:
+                return True
+        return False
+
+    def match_index(self, node_id: str) -> int:
+        return int(self._SyncObj__raftMatchIndex.get(Node(node_id), 0))
 
     # pysyncobj sets nextIndex[peer] from every successful AppendEntries reply, even a reply
     # to an older request: with entries pipelined (we send as soon as proposals arrive), a
@@ -197,6 +236,10 @@ class _Group(SyncObj):  # type: ignore[misc]
         else:
             journal.replace([before, last])
         self._machine.restore(snap)
+        if clearJournal and snap.members:
+            # The leader's snapshot replaced our log: its configuration is the group's as of
+            # its last entry (at start-up, initial_members already replayed the log after it).
+            self.set_members(set(snap.members))
         self._SyncObj__raftLastApplied = last[1]
         # Everything up to the snapshot is committed; nothing past our log end can be.
         commit = min(max(int(self._SyncObj__raftCommitIndex), last[1]), journal.last_index)
@@ -244,6 +287,60 @@ def _create_journal(journal_file: Any) -> Any:
 pysyncobj_core.createJournal = _create_journal
 
 
+def conf_change(remove: bool, node_id: str) -> bytes:
+    """A membership log entry: pysyncobj's MEMBERSHIP type byte, then our protobuf."""
+    change = pb.ConfChange(type=pb.ConfChange.REMOVE if remove else pb.ConfChange.ADD)
+    change.node_id = node_id
+    return _MEMBERSHIP + change.SerializeToString()
+
+
+def parse_conf_change(entry: bytes) -> tuple[str, str] | None:
+    """A membership entry → pysyncobj's ``("add"|"rem", node_id)``; None for anything else."""
+    if entry[:1] != _MEMBERSHIP:
+        return None
+    change = pb.ConfChange()
+    try:
+        change.ParseFromString(entry[1:])
+    except Exception:
+        return None
+    if not change.node_id:
+        return None
+    return ("rem" if change.type == pb.ConfChange.REMOVE else "add", change.node_id)
+
+
+def initial_members(base: set[str], snapshot: pb.Snapshot | None, journal: Journal) -> set[str]:
+    """The group's voters when a replica starts: the snapshot's (else ``base``), then every
+    membership change in the log after it, in order.
+
+    Replaying changes over a configuration that is older than the log's start is still right:
+    a node's final presence is set by its last change, and nodes with no change in the log
+    were in every configuration.
+    """
+    members = set(snapshot.members) if snapshot is not None and snapshot.members else set(base)
+    after = snapshot.last_applied.index if snapshot is not None else 0
+    for i in range(len(journal)):
+        entry = journal[i]
+        if entry[1] <= after:
+            continue
+        change = parse_conf_change(entry[0])
+        if change is not None:
+            (members.add if change[0] == "add" else members.discard)(change[1])
+    return members
+
+
+def members_at(current: set[str], journal: Journal, index: int) -> set[str]:
+    """The voters as of log ``index``: undo the changes appended after it."""
+    members = set(current)
+    for i in range(len(journal) - 1, -1, -1):
+        entry = journal[i]
+        if entry[1] <= index:
+            break
+        change = parse_conf_change(entry[0])
+        if change is not None:
+            (members.discard if change[0] == "add" else members.add)(change[1])
+    return members
+
+
 class _NoPoll:
     """Stands in for a group's poller: the driver owns polling (see RaftDriver._run)."""
 
@@ -259,14 +356,14 @@ class RaftDriver:
 
     def __init__(
         self,
-        cluster: ClusterConfig,
+        view: ClusterView,
         node_id: str,
         tuning: RaftTuning,
         security: LinkSecurity,
     ) -> None:
         self.poller = createPoller("auto")
         self.transport = MuxTransport(
-            cluster,
+            {n.id: n.raft for n in view.nodes},
             node_id,
             self.poller,
             security=security,
@@ -313,6 +410,36 @@ class RaftDriver:
         except queue.Full:
             raise Overloaded("too many calls queued for the Raft thread") from None
         self.wake()
+
+    async def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the Raft thread and await its result (or its exception)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if future.done():
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as e:
+                loop.call_soon_threadsafe(settle, False, e)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+
+        self.call_soon(run)
+        return await asyncio.wait_for(future, timeout)
+
+    def remove(self, replica: ShardReplica) -> None:
+        """Stop and drop one replica (on the Raft thread): it was removed from its group."""
+        if replica in self._replicas:
+            self._replicas.remove(replica)
+        replica.close()
 
     def _drain_wake(self, _fd: int, _event: int) -> None:
         # Drain first, then clear: a wake() that skipped its write because the flag was still
@@ -382,6 +509,8 @@ class ShardReplica:
         peer_ids: list[str],
         storage: ReplicaStorage,
         driver: RaftDriver,
+        *,
+        joining: bool = False,
     ) -> None:
         self.shard_id = shard_id
         self.node_id = node_id
@@ -409,7 +538,11 @@ class ShardReplica:
             useFork=False,
             commandsQueueSize=COMMAND_QUEUE_SIZE,
             onStateChanged=self._on_state_changed,
+            dynamicMembershipChange=True,
         )
+        members = initial_members({node_id, *peer_ids}, storage.snapshot, storage.journal)
+        members.add(node_id)
+        peer_ids = sorted(members - {node_id})
         peers = {p: Node(p) for p in peer_ids}
         self._transport = ShardTransport(driver.transport, shard_id, peers, self._mark_dirty)
         self._transport.on_error = self._delivery_failed
@@ -422,8 +555,10 @@ class ShardReplica:
             list(peers.values()),
             conf,
             transport=self._transport,
+            nodeClass=Node,
         )
         g = self._group
+        self._transport.announce_links()
         # Our receiver checks a snapshot from the leader before it replaces ours.
         g._SyncObj__serializer = SnapshotReceiver(
             storage.snapshot_path,
@@ -460,10 +595,15 @@ class ShardReplica:
         self._recovering = storage.meta.recovering
         self._fence: int | None = None
         self._reported: dict[str, int] = {}
-        self._peer_ids = list(peer_ids)
         if self._recovering:
             self._transport.accept = self._accept_while_recovering
             self._transport.delivered = self._check_recovered
+        # A replica created for a move: it must not campaign (and disturb the group with a
+        # higher term) before the leader has added it, which it learns from the first entries
+        # the leader sends it.
+        self._joining = joining
+        if joining:
+            self._transport.delivered = self._check_joined
         # asyncio side: the loop (set by the first proposal) and every proposal in flight.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Future[tuple[pb.CommandResult, int]]] = set()
@@ -479,7 +619,7 @@ class ShardReplica:
         if self._failed:
             return False
         g = self._group
-        if self._recovering:
+        if self._recovering or self._joining:
             g.hold_elections()
         try:
             g.doTick(0.0)
@@ -529,6 +669,7 @@ class ShardReplica:
             last_applied=g.last_applied(),
             keys=len(self.machine),
             problem=self._problem(),
+            members=g.members(),
         )
         if leader_id != self._last_leader:
             self._last_leader = leader_id
@@ -544,11 +685,13 @@ class ShardReplica:
             return self._failed
         if self._write_error is not None:
             return str(self._write_error[1])
+        if self._joining:
+            return "joining: waiting for the leader to add this replica"
         if self._recovering:
             if self._fence is None:
                 return (
                     f"recovering: waiting for the terms of {self._needed_reports()} of "
-                    f"{len(self._peer_ids)} peers"
+                    f"{len(self._other_members())} peers"
                 )
             return f"recovering: catching up (term fence {self._fence})"
         return ""
@@ -588,6 +731,7 @@ class ShardReplica:
             i.last_applied,
             i.keys,
             self._failed,
+            i.members,
         )
 
     def _delivery_failed(self, error: Exception) -> None:
@@ -621,11 +765,14 @@ class ShardReplica:
         return not self._recovering and not self._failed
 
     def _needed_reports(self) -> int:
-        replicas = len(self._peer_ids) + 1
+        replicas = len(self._other_members()) + 1
         return replicas - replicas // 2
 
+    def _other_members(self) -> list[str]:
+        return [n for n in self._group.members() if n != self.node_id]
+
     def peer_reported(self, peer_id: str, terms: dict[int, int]) -> None:
-        if not self._recovering or self._fence is not None or peer_id not in self._peer_ids:
+        if not self._recovering or self._fence is not None or peer_id not in self._other_members():
             return
         if self.shard_id not in terms:
             return  # that peer's replica is recovering or failed too: it cannot vouch
@@ -677,6 +824,109 @@ class ShardReplica:
             term,
         )
 
+    def _check_joined(self, peer: str, message: dict[str, Any]) -> None:
+        if message.get("type") != "append_entries" or not self._joining:
+            return
+        self._joining = False
+        self._transport.delivered = None
+        log.info("shard %d: joined the group (first entries from leader %s)", self.shard_id, peer)
+
+    # -- membership (leader side) ------------------------------------------------------------
+
+    @property
+    def members(self) -> list[str]:
+        return self._info.members
+
+    async def change_member(self, remove: bool, node_id: str, timeout: float) -> list[str]:
+        """Add or remove one voter; return the voters once the change has committed.
+
+        Idempotent: a node that is already a voter (or already gone) is answered at once.
+        One change at a time: while one is uncommitted, another is refused (UNAVAILABLE).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[str]] = loop.create_future()
+        deadline = time.monotonic() + timeout
+
+        def settle(result: list[str] | RaftKVError) -> None:
+            if future.done():
+                return
+            if isinstance(result, RaftKVError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        def propose() -> None:  # Raft thread
+            g = self._group
+            if not g._isLeader() or self._failed:
+                loop.call_soon_threadsafe(settle, self.not_leader())
+                return
+            members = g.members()
+            if (node_id in members) != remove:
+                loop.call_soon_threadsafe(settle, members)
+                return
+            if remove and node_id == self.node_id:
+                loop.call_soon_threadsafe(
+                    settle,
+                    NotLeader(
+                        f"shard {self.shard_id}: transfer leadership before removing {node_id}",
+                        shard_id=self.shard_id,
+                    ),
+                )
+                return
+            if g.change_pending():
+                loop.call_soon_threadsafe(
+                    settle,
+                    Unavailable(
+                        f"shard {self.shard_id}: another membership change is still committing",
+                        shard_id=self.shard_id,
+                    ),
+                )
+                return
+
+            def done(_result: Any, error: int) -> None:
+                if error == FAIL_REASON.SUCCESS:
+                    loop.call_soon_threadsafe(settle, g.members())
+                else:
+                    loop.call_soon_threadsafe(
+                        settle,
+                        Unavailable(
+                            f"shard {self.shard_id}: membership change failed ({error})",
+                            shard_id=self.shard_id,
+                        ),
+                    )
+
+            g._applyCommand(conf_change(remove, node_id), done)
+            self.dirty = True
+
+        self._driver.call_soon(propose)
+        try:
+            members = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ProposalTimeout(
+                f"shard {self.shard_id}: the membership change did not commit within "
+                f"{timeout:.1f}s; its outcome is unknown (it is safe to retry)"
+            ) from None
+        if not remove:
+            await self._wait_caught_up(node_id, deadline)
+        return members
+
+    async def _wait_caught_up(self, node_id: str, deadline: float) -> None:
+        """Wait until the new voter holds the log up to the current commit index."""
+        target = self._info.commit_index
+        delay = 0.02
+        while True:
+            if self._group.match_index(node_id) >= target:
+                return
+            if not self.is_leader:
+                raise self.not_leader()
+            if time.monotonic() + delay > deadline:
+                raise ProposalTimeout(
+                    f"shard {self.shard_id}: {node_id} was added but has not caught up to index "
+                    f"{target} yet (it is receiving a snapshot or the log); try again"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
     # -- durability ------------------------------------------------------------------------
 
     def _sync_before_ack(self, message: Any) -> None:
@@ -698,6 +948,8 @@ class ShardReplica:
 
     def close(self) -> None:
         self._group.destroy()
+        self._transport.destroy()
+        self._journal._destroy()
 
     def _write_snapshot(self, path: str, meta: tuple[Any, ...]) -> None:
         last, before = meta[0], meta[1]
@@ -706,6 +958,8 @@ class ShardReplica:
         snap.before_last_applied.CopyFrom(
             pb.LogEntry(command=before[0], index=before[1], term=before[2])
         )
+        cluster = {n.id for n in meta[2]} if len(meta) > 2 else set(self._group.members())
+        snap.members.extend(sorted(members_at(cluster, self._journal, last[1])))
         try:
             write_snapshot(path, snap)
         except OSError as e:

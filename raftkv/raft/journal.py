@@ -68,8 +68,6 @@ PREALLOCATE_BYTES = 4 * 1024 * 1024
 _OLD_PYSYNCOBJ_MAGIC = b"PYSYNCOBJ"
 # A write torn by a crash leaves the unwritten rest of its record as preallocated zeros.
 _TORN_SUFFIX = bytes(8)
-# Below this much allocated room, the journal asks the disk for another chunk.
-LOW_WATER_BYTES = PREALLOCATE_BYTES // 2
 
 Entry = tuple[bytes, int, int]  # (command, index, term): pysyncobj's log entry shape
 
@@ -102,10 +100,21 @@ def _describe_os_error(e: OSError) -> str:
 class Journal(PysyncobjJournal):  # type: ignore[misc]
     """The log of one replica. All methods run on the Raft thread."""
 
-    def __init__(self, path: Path, meta: MetaStore, *, what: str, durable: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: MetaStore,
+        *,
+        what: str,
+        durable: bool = False,
+        chunk_bytes: int = PREALLOCATE_BYTES,
+    ) -> None:
         """``durable``: appends count as stored only once :meth:`sync` ran (fsync mode);
-        otherwise the page cache is the durability boundary (process crashes only)."""
+        otherwise the page cache is the durability boundary (process crashes only).
+        ``chunk_bytes``: how much space is allocated ahead at a time (small for a group that
+        writes little, such as the meta group)."""
         self.path = path
+        self._chunk = chunk_bytes  # below half of it left, another chunk is allocated
         self.meta = meta
         self._what = what  # "shard 3", for messages
         self._durable = durable
@@ -258,7 +267,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         """Make sure ``nbytes`` fit in allocated space before writing (Raft thread)."""
         if self._allocated - self._size >= nbytes:
             return
-        if not self._grow(max(PREALLOCATE_BYTES, nbytes)):
+        if not self._grow(max(self._chunk, nbytes)):
             raise JournalWriteError(
                 f"{self._what}: no space left on the data disk for {self.path}",
                 no_space=True,
@@ -281,8 +290,8 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
     def keep_room(self) -> None:
         """Keep a chunk allocated ahead of the appends (Raft thread; after appends, and once
         a second so a freed disk is noticed)."""
-        if self._allocated - self._size < LOW_WATER_BYTES:
-            self._grow(PREALLOCATE_BYTES)
+        if self._allocated - self._size < self._chunk // 2:
+            self._grow(self._chunk)
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)

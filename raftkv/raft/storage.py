@@ -23,7 +23,7 @@ from pathlib import Path
 
 from raftkv._pb.raftkv.v1 import command_pb2 as pb
 from raftkv.errors import StorageError
-from raftkv.raft.journal import Journal, MetaStore
+from raftkv.raft.journal import PREALLOCATE_BYTES, Journal, MetaStore
 from raftkv.raft.snapshot import read_snapshot
 
 JOURNAL = "journal.bin"
@@ -43,12 +43,25 @@ class ReplicaStorage:
         return self.directory / SNAPSHOT
 
 
+# The meta group's shard id (raftkv.view.META_SHARD): it holds one small key, so its journal
+# grows in small steps.
+_META_SHARD = 0xFFFF_FFFF
+_META_CHUNK_BYTES = 256 * 1024
+
+
 def open_storage(directory: Path, shard_id: int, *, durable: bool = False) -> ReplicaStorage:
-    what = f"shard {shard_id}"
+    meta_group = shard_id == _META_SHARD
+    what = "the meta group" if meta_group else f"shard {shard_id}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         meta = MetaStore(directory / META, what=what)
-        journal = Journal(directory / JOURNAL, meta, what=what, durable=durable)
+        journal = Journal(
+            directory / JOURNAL,
+            meta,
+            what=what,
+            durable=durable,
+            chunk_bytes=_META_CHUNK_BYTES if meta_group else PREALLOCATE_BYTES,
+        )
     except OSError as e:
         raise StorageError(f"{what}: cannot open {directory}: {_reason(e)}") from e
     try:

@@ -28,7 +28,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from pysyncobj.node import Node
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.transport import Transport
 
-from raftkv.config import ClusterConfig, split_hostport
+from raftkv.config import split_hostport
 from raftkv.raft import handshake as hs
 from raftkv.raft import wire
 from raftkv.raft.link import Link, LinkLimits, LinkSecurity, LinkState, tune_socket
@@ -74,6 +74,10 @@ class _Peer:
     terms: dict[int, int] = field(default_factory=dict)
 
 
+def _host_port(address: str | None, node_id: str) -> tuple[str, int] | None:
+    return split_hostport(address, f"nodes.{node_id}.raft") if address else None
+
+
 class ShardTransport(Transport):  # type: ignore[misc]
     """The view of the mux that one shard's ``SyncObj`` sees."""
 
@@ -106,6 +110,24 @@ class ShardTransport(Transport):  # type: ignore[misc]
         if self.before_send is not None:
             self.before_send(message)
         return self._mux.send(node.id, self.shard_id, message)
+
+    # pysyncobj calls these when a membership change is appended (or undone): messages from a
+    # node that is no longer a voter are ignored from then on.
+    def addNode(self, node: Node) -> None:
+        self.peers[node.id] = node
+        if self._mux.is_connected(node.id):
+            # The link came up before this group knew the node: pysyncobj sends entries only
+            # to nodes it has seen connect.
+            self._onNodeConnected(node)
+
+    def announce_links(self) -> None:
+        """Tell a group created at runtime about the links that are already up."""
+        for peer_id, node in self.peers.items():
+            if self._mux.is_connected(peer_id):
+                self._onNodeConnected(node)
+
+    def dropNode(self, node: Node) -> None:
+        self.peers.pop(node.id, None)
 
     def deliver(self, peer_id: str, message: dict[str, Any]) -> None:
         node = self.peers.get(peer_id)
@@ -150,7 +172,7 @@ class MuxTransport:
 
     def __init__(
         self,
-        cluster: ClusterConfig,
+        nodes: Mapping[str, str],
         node_id: str,
         poller: Poller,
         *,
@@ -159,7 +181,7 @@ class MuxTransport:
         shard_terms: Callable[[], dict[int, int]] = dict,
         on_peer_state: Callable[[str, dict[int, int]], None] = lambda _p, _t: None,
     ) -> None:
-        self._cluster = cluster
+        self._addresses = dict(nodes)
         self._node_id = node_id
         self._poller = poller
         self._security = security
@@ -168,10 +190,7 @@ class MuxTransport:
         self._on_peer_state = on_peer_state
         self._shards: dict[int, ShardTransport] = {}
         self._peers: dict[str, _Peer] = {}
-        for n in cluster.nodes:
-            if n.id != node_id:
-                host, port = split_hostport(n.raft, f"nodes.{n.id}.raft")
-                self._peers[n.id] = _Peer(n.id, host, port)
+        self.set_peers(nodes)
         # Accepted, not yet authenticated, oldest first (a dict keeps insertion order).
         self._pending: dict[Link, str] = {}
         self._closing: set[Link] = set()  # closed, still draining a refusal
@@ -183,7 +202,7 @@ class MuxTransport:
     # -- lifecycle -------------------------------------------------------------------------
 
     def bind(self) -> None:
-        host, port = split_hostport(self._cluster.node(self._node_id).raft, "raft address")
+        host, port = split_hostport(self._addresses[self._node_id], "raft address")
         try:
             ip = str(socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -213,6 +232,27 @@ class MuxTransport:
             mode or "nothing: loopback only",
         )
 
+    def set_peers(self, nodes: Mapping[str, str]) -> None:
+        """Make the peers match the cluster view (node id → Raft address); on the Raft thread.
+
+        A node that left is disconnected and can no longer authenticate; a new one can.
+        """
+        self._addresses = dict(nodes)
+        for node_id in list(self._peers):
+            peer = self._peers[node_id]
+            if (peer.host, peer.port) != _host_port(nodes.get(node_id), node_id):
+                del self._peers[node_id]
+                for link in (peer.link, peer.dialing):
+                    if link is not None:
+                        link.close(f"{node_id} left the cluster or moved")
+                if peer.link is not None:
+                    log.info("raft peer %s removed (cluster view changed)", node_id)
+                    self._notify_down(node_id)
+        for node_id, address in nodes.items():
+            if node_id != self._node_id and node_id not in self._peers:
+                host, port = split_hostport(address, f"nodes.{node_id}.raft")
+                self._peers[node_id] = _Peer(node_id, host, port)
+
     def attach(self, shard: ShardTransport) -> None:
         self._shards[shard.shard_id] = shard
 
@@ -230,6 +270,10 @@ class MuxTransport:
             with contextlib.suppress(OSError, KeyError, ValueError):
                 self._poller.unsubscribe(self._listen.fileno())
             self._listen.close()
+
+    def is_connected(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.link is not None
 
     def connected_peers(self) -> list[str]:
         return sorted(p.node_id for p in self._peers.values() if p.link is not None)
@@ -432,7 +476,10 @@ class MuxTransport:
         self._to_flush.append(link)
 
     def link_up(self, link: Link) -> None:
-        peer = self._peers[link.peer_id]
+        peer = self._peers.get(link.peer_id)
+        if peer is None:
+            link.close(f"{link.peer_id} left the cluster")
+            return
         self._pending.pop(link, None)
         if peer.dialing is link:
             peer.dialing = None
@@ -461,7 +508,9 @@ class MuxTransport:
                 if shard is not None:
                     shard.deliver(link.peer_id, body)
             elif kind == "peer_state":
-                peer = self._peers[link.peer_id]
+                peer = self._peers.get(link.peer_id)
+                if peer is None:
+                    return
                 peer.terms = body
                 self._on_peer_state(peer.node_id, body)
         except Exception:

@@ -12,8 +12,10 @@ Two things pysyncobj could send are deliberately unrepresentable:
 * ``transmission`` chunks (an entry larger than ``appendEntriesBatchSizeBytes`` is pickled
   and split): raftkv sets that size above the largest command it accepts, so they never
   occur, and the receiving side has no way to turn bytes back into a pickle;
-* commands whose pysyncobj type byte is not REGULAR or NO_OP (MEMBERSHIP and VERSION entries
-  are pickles that pysyncobj would load when applying them).
+* commands whose pysyncobj type byte is not REGULAR, NO_OP or MEMBERSHIP (VERSION entries are
+  pickles that pysyncobj would load when applying them). raftkv's MEMBERSHIP entries carry a
+  ``ConfChange`` protobuf, never pysyncobj's pickle, and are checked here before they are
+  accepted.
 
 :func:`encode` raises :class:`UnencodableMessage` for anything else; :func:`decode` raises
 :class:`MalformedFrame` for bytes that are not a valid frame. Both are programming or peer
@@ -26,13 +28,14 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from raftkv._pb.raftkv.v1 import command_pb2 as cmd_pb
 from raftkv._pb.raftkv.v1 import raft_pb2 as pb
 
 # pysyncobj's command type bytes that may appear in a log entry on the wire.
 _REGULAR = 0
 _NO_OP = 1
-_ALLOWED_COMMAND_TYPES = frozenset({_REGULAR, _NO_OP})
-_ALLOWED_PREFIXES = frozenset({bytes([_REGULAR]), bytes([_NO_OP])})
+_MEMBERSHIP = 2
+_ALLOWED_PREFIXES = frozenset({bytes([_REGULAR]), bytes([_NO_OP]), bytes([_MEMBERSHIP])})
 
 
 class UnencodableMessage(ValueError):
@@ -54,10 +57,13 @@ def encode_peer_state(shard_terms: dict[int, int]) -> bytes:
     return frame.SerializeToString()
 
 
-def _check_command(command: bytes) -> bytes:
-    if not command or command[0] not in _ALLOWED_COMMAND_TYPES:
-        raise UnencodableMessage("log entry of a pysyncobj command type raftkv never writes")
-    return command
+def _valid_conf_change(command: bytes) -> bool:
+    change = cmd_pb.ConfChange()
+    try:
+        change.ParseFromString(command[1:])
+    except DecodeError:
+        return False
+    return bool(change.node_id) and change.type in (cmd_pb.ConfChange.ADD, cmd_pb.ConfChange.REMOVE)
 
 
 def encode(shard_id: int, message: dict[str, Any]) -> bytes:
@@ -105,7 +111,9 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
         frame.response_vote.term = message["term"]
     elif kind == "apply_command":
         ac = frame.apply_command
-        ac.command = _check_command(message["command"])
+        ac.command = message["command"]
+        if ac.command[:1] not in (bytes([_REGULAR]), bytes([_NO_OP])):
+            raise UnencodableMessage("only regular commands are forwarded to a leader")
         if "request_id" in message:
             ac.request_id = message["request_id"]
     elif kind == "apply_command_response":
@@ -144,6 +152,8 @@ def decode(data: bytes) -> Decoded:
             raise MalformedFrame("AppendEntries with as many terms as commands expected")
         if not all(c[:1] in _ALLOWED_PREFIXES for c in commands):
             raise MalformedFrame("log entry with a command type raftkv never writes")
+        if not all(c[:1] != b"\x02" or _valid_conf_change(c) for c in commands):
+            raise MalformedFrame("membership entry that is not a ConfChange")
         first = ae.first_index
         message = {
             "type": "append_entries",
@@ -211,8 +221,9 @@ def decode(data: bytes) -> Decoded:
 
 def _entry_command(holder: pb.ApplyCommand) -> bytes:
     command: bytes = holder.command
-    if not command or command[0] not in _ALLOWED_COMMAND_TYPES:
-        raise MalformedFrame("log entry with a command type raftkv never writes")
+    # Membership changes are proposed at the leader only, never forwarded by a follower.
+    if not command or command[0] not in (_REGULAR, _NO_OP):
+        raise MalformedFrame("forwarded command of a type raftkv never forwards")
     return command
 
 

@@ -134,6 +134,8 @@ class LocalCluster:
             n.id: NodeProcess(n, self.base_dir / "data" / n.id, self.base_dir / "logs")
             for n in config.nodes
         }
+        # Nodes started with serve --join rather than from the cluster file.
+        self.joined: set[str] = set()
 
     @classmethod
     def create(
@@ -168,15 +170,43 @@ class LocalCluster:
             self.wait_leaders(timeout)
         return self
 
+    def add_node(self, node_id: str, host: str = "127.0.0.1", wait: bool = True) -> NodeProcess:
+        """Start a new node that joins the running cluster (``serve --join``)."""
+        if node_id in self.nodes:
+            raise RuntimeError(f"node {node_id} exists already")
+        address = NodeAddress(node_id, f"{host}:{free_port(host)}", f"{host}:{free_port(host)}")
+        self.nodes[node_id] = NodeProcess(
+            address, self.base_dir / "data" / node_id, self.base_dir / "logs"
+        )
+        self.joined.add(node_id)
+        self.start_node(node_id, wait=wait)
+        return self.nodes[node_id]
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop a node and drop it from this object (after it was removed, or is dead)."""
+        self.kill(node_id)
+        del self.nodes[node_id]
+
     def command(self, node_id: str, args: tuple[str, ...] = ()) -> list[str]:
         n = self.nodes[node_id]
+        if node_id in self.joined:
+            others = [m.address.grpc for m in self.nodes.values() if m.id not in self.joined]
+            where = [
+                "--join",
+                ",".join(others),
+                "--grpc",
+                n.address.grpc,
+                "--raft",
+                n.address.raft,
+            ]
+        else:
+            where = ["--cluster", str(self.cluster_file)]
         return [
             sys.executable,
             "-m",
             "raftkv",
             "serve",
-            "--cluster",
-            str(self.cluster_file),
+            *where,
             "--id",
             node_id,
             "--data-dir",
@@ -293,7 +323,7 @@ class LocalCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [n.grpc for n in self.config.nodes]
+        return [n.address.grpc for n in self.nodes.values()]
 
     def endpoint(self, node_id: str) -> str:
         return self.nodes[node_id].address.grpc

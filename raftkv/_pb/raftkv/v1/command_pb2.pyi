@@ -114,15 +114,31 @@ class LogEntry(_message.Message):
     def __init__(self, command: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("entries", "dedup", "last_applied", "before_last_applied", "applied_index")
+    __slots__ = ("entries", "dedup", "last_applied", "before_last_applied", "applied_index", "members")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     DEDUP_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     BEFORE_LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[SnapshotEntry]
     dedup: _containers.RepeatedCompositeFieldContainer[DedupEntry]
     last_applied: LogEntry
     before_last_applied: LogEntry
     applied_index: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[SnapshotEntry, _Mapping]]] = ..., dedup: _Optional[_Iterable[_Union[DedupEntry, _Mapping]]] = ..., last_applied: _Optional[_Union[LogEntry, _Mapping]] = ..., before_last_applied: _Optional[_Union[LogEntry, _Mapping]] = ..., applied_index: _Optional[int] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entries: _Optional[_Iterable[_Union[SnapshotEntry, _Mapping]]] = ..., dedup: _Optional[_Iterable[_Union[DedupEntry, _Mapping]]] = ..., last_applied: _Optional[_Union[LogEntry, _Mapping]] = ..., before_last_applied: _Optional[_Union[LogEntry, _Mapping]] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfChange(_message.Message):
+    __slots__ = ("type", "node_id")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ADD: _ClassVar[ConfChange.Type]
+        REMOVE: _ClassVar[ConfChange.Type]
+    ADD: ConfChange.Type
+    REMOVE: ConfChange.Type
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    type: ConfChange.Type
+    node_id: str
+    def __init__(self, type: _Optional[_Union[ConfChange.Type, str]] = ..., node_id: _Optional[str] = ...) -> None: ...

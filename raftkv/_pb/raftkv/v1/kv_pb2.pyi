@@ -25,18 +25,20 @@ class RequestId(_message.Message):
     def __init__(self, client_id: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ResponseHeader(_message.Message):
-    __slots__ = ("shard_id", "leader", "term", "index", "leader_endpoint")
+    __slots__ = ("shard_id", "leader", "term", "index", "leader_endpoint", "epoch")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LEADER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     leader: str
     term: int
     index: int
     leader_endpoint: str
-    def __init__(self, shard_id: _Optional[int] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., leader_endpoint: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, shard_id: _Optional[int] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., leader_endpoint: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "request_id", "shard_id")
@@ -205,18 +207,24 @@ class StatusRequest(_message.Message):
     def __init__(self, local_only: _Optional[bool] = ..., digest: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("id", "grpc", "raft", "reachable", "raft_link")
+    __slots__ = ("id", "grpc", "raft", "reachable", "raft_link", "state", "meta", "replicas")
     ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_FIELD_NUMBER: _ClassVar[int]
     RAFT_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     RAFT_LINK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     id: str
     grpc: str
     raft: str
     reachable: bool
     raft_link: str
-    def __init__(self, id: _Optional[str] = ..., grpc: _Optional[str] = ..., raft: _Optional[str] = ..., reachable: _Optional[bool] = ..., raft_link: _Optional[str] = ...) -> None: ...
+    state: str
+    meta: bool
+    replicas: int
+    def __init__(self, id: _Optional[str] = ..., grpc: _Optional[str] = ..., raft: _Optional[str] = ..., reachable: _Optional[bool] = ..., raft_link: _Optional[str] = ..., state: _Optional[str] = ..., meta: _Optional[bool] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("node", "role", "term", "commit_index", "last_applied", "leader", "keys", "digest", "problem")
@@ -257,17 +265,23 @@ class ShardStatus(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., replica_status: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint")
+    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint", "epoch", "moves", "meta")
     NODES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
     node: str
     shard_count: int
     vnodes: int
     cluster_fingerprint: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ...) -> None: ...
+    epoch: int
+    moves: _containers.RepeatedScalarFieldContainer[str]
+    meta: ShardStatus
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ..., epoch: _Optional[int] = ..., moves: _Optional[_Iterable[str]] = ..., meta: _Optional[_Union[ShardStatus, _Mapping]] = ...) -> None: ...
