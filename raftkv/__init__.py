@@ -25,6 +25,7 @@ Architecture map (see DESIGN.md for the long form)::
                  batcher.py concurrent puts/gets of one client share one bulk RPC per node
 
     tools:       cli.py (serve, client, certs, auth, local up, demo, bench), demo.py, bench.py
+                 shell.py interactive shell: one client session, a table of commands
     testing/:    cluster.py LocalCluster of real processes (plain or secure); nemesis.py
                  faults under load; history.py + linearizability.py check histories;
                  files.py reads journal layouts for storage fault tests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import logging.handlers
@@ -41,7 +42,7 @@ from raftkv.config import (
 )
 from raftkv.errors import KeyNotFound, PermissionDenied, RaftKVError, Unauthenticated, Unavailable
 from raftkv.network import ClientTLS
-from raftkv.view import ClusterView
+from raftkv.view import META_SHARD, ClusterView
 
 app = typer.Typer(
     help="raftkv: a sharded, Raft-replicated key-value store with a gRPC API.",
@@ -61,7 +62,16 @@ auth_app = typer.Typer(
     help="Make the cluster secret, the token-signing key, and bearer tokens.",
     no_args_is_help=True,
 )
+admin_app = typer.Typer(
+    help="Change the cluster: members join and leave, replicas move (needs the admin role).",
+    no_args_is_help=True,
+)
+member_app = typer.Typer(
+    help="List, add and remove the cluster's nodes (like etcdctl member).", no_args_is_help=True
+)
+admin_app.add_typer(member_app, name="member")
 app.add_typer(client_app, name="client")
+app.add_typer(admin_app, name="admin")
 app.add_typer(local_app, name="local")
 app.add_typer(certs_app, name="certs")
 app.add_typer(auth_app, name="auth")
@@ -595,6 +605,9 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
     return {
         "node": s.node,
         "cluster_fingerprint": s.cluster_fingerprint,
+        "epoch": s.epoch,
+        "moves": list(s.moves),
+        "stuck_moves": list(s.stuck_moves),
         "shard_count": s.shard_count,
         "nodes": [
             {
@@ -603,6 +616,9 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
                 "raft": n.raft,
                 "reachable": n.reachable,
                 "raft_link": n.raft_link or None,
+                "state": n.state or "active",
+                "replicas": n.replicas,
+                "meta": n.meta,
             }
             for n in s.nodes
         ],
@@ -633,6 +649,7 @@ def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
 
 def render_status(s: kv.StatusResponse) -> str:
     lines = [
+        f"cluster {s.cluster_fingerprint}, view epoch {s.epoch}",
         f"NODE  GRPC                  RAFT                  UP   RAFT LINK (from {s.node})",
     ]
     for n in s.nodes:
@@ -651,6 +668,16 @@ def render_status(s: kv.StatusResponse) -> str:
         problems += [
             f"shard {sh.shard_id} on {r.node}: {r.problem}" for r in sh.replica_status if r.problem
         ]
+    meta = s.meta
+    if meta.replicas:
+        per = " ".join(f"{r.node}={r.commit_index}" for r in meta.replica_status)
+        lines.append(
+            f"{'meta':<6} {','.join(meta.replicas):<17} {meta.leader or '-':<7} "
+            f"{meta.term:<5} {meta.commit_index:<7} {per}"
+        )
+        problems += [f"meta on {r.node}: {r.problem}" for r in meta.replica_status if r.problem]
+    if s.moves:
+        lines += ["", "MOVES IN PROGRESS", *s.moves, *(f"  stuck: {m}" for m in s.stuck_moves)]
     if problems:
         lines += ["", "PROBLEMS", *problems]
     return "\n".join(lines)
@@ -663,6 +690,147 @@ def status(
     """Show the nodes and, per shard: replicas, leader, term and commit index."""
     s = _run(lambda c: c.status())
     typer.echo(json.dumps(status_dict(s), indent=2) if output == Output.json else render_status(s))
+
+
+# -- shell ----------------------------------------------------------------------------------
+
+
+@functools.wraps(client_main)
+def _shell(**options: Any) -> None:
+    from raftkv.shell import run_shell
+
+    client_main(**options)
+    code = run_shell(
+        _client_opts["endpoints"],
+        timeout=_client_opts["timeout"],
+        tls=_client_opts["tls"],
+        token=_client_opts["token"],
+    )
+    raise typer.Exit(code)
+
+
+_shell.__doc__ = """An interactive shell: put, get, delete, cas, status, members, join, leave.
+
+History and tab completion at a terminal; reads commands line by line from a pipe
+(printf 'put a 1\\nget a\\n' | raftkv shell). Type help for the commands.
+"""
+app.command("shell")(_shell)
+
+# -- admin: membership ----------------------------------------------------------------------
+
+admin_app.callback()(client_main)
+
+
+def members_dict(s: kv.StatusResponse) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": n.id,
+            "grpc": n.grpc,
+            "raft": n.raft,
+            "state": n.state or "active",
+            "reachable": n.reachable,
+            "replicas": n.replicas,
+            "meta": n.meta,
+        }
+        for n in s.nodes
+    ]
+
+
+def render_members(s: kv.StatusResponse) -> str:
+    lines = [
+        f"cluster {s.cluster_fingerprint}, view epoch {s.epoch}",
+        "ID     STATE    UP   REPLICAS  META  GRPC                   RAFT",
+    ]
+    for m in members_dict(s):
+        lines.append(
+            f"{m['id']:<6} {m['state']:<8} {'yes' if m['reachable'] else 'NO':<4} "
+            f"{m['replicas']:<9} {'yes' if m['meta'] else '-':<5} {m['grpc']:<22} {m['raft']}"
+        )
+    if s.moves:
+        lines += ["", "MOVES IN PROGRESS", *s.moves, *(f"  stuck: {m}" for m in s.stuck_moves)]
+    return "\n".join(lines)
+
+
+@member_app.command("list")
+def member_list(
+    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+) -> None:
+    """The nodes: id, addresses, state, reachable, replica count, meta group member."""
+    s = _run(lambda c: c.status())
+    if output == Output.json:
+        doc = {"epoch": s.epoch, "members": members_dict(s), "moves": list(s.moves)}
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(render_members(s))
+
+
+@member_app.command("add")
+def member_add(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="The new node's id.")],
+    grpc_addr: Annotated[str, typer.Option("--grpc", help="Its gRPC HOST:PORT.")],
+    raft_addr: Annotated[str, typer.Option("--raft", help="Its Raft HOST:PORT.")],
+) -> None:
+    """Add a node; replicas move onto it once it runs.
+
+    Then start it: raftkv serve --join ENDPOINTS --id ID --grpc ADDR --raft ADDR --data-dir DIR
+    (serve --join alone also adds it: this command is for adding it ahead of time).
+    """
+    reply = _run(lambda c: c.member_add(node_id, grpc_addr, raft_addr))
+    typer.echo(
+        f"added {node_id} (view epoch {reply.view.epoch}); {reply.moves} replica moves planned. "
+        f"Start it with: raftkv serve --join {_client_opts.get('endpoints', DEFAULT_ENDPOINT)} "
+        f"--id {node_id} --grpc {grpc_addr} --raft {raft_addr} --data-dir data/{node_id}"
+    )
+
+
+@member_app.command("remove")
+def member_remove(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="The node to remove.")],
+    dead: Annotated[
+        bool,
+        typer.Option(
+            "--dead",
+            help="The node is gone for good: re-create its replicas on the others from each "
+            "group's surviving quorum (a shard that lost its quorum is reported, never "
+            "guessed at).",
+        ),
+    ] = False,
+) -> None:
+    """Drain a node's replicas to the others, then remove it (the node then stops)."""
+    reply = _run(lambda c: c.member_remove(node_id, dead=dead))
+    typer.echo(
+        f"{node_id} is {'dead' if dead else 'leaving'} (view epoch {reply.view.epoch}); "
+        f"{reply.moves} replica moves planned; `raftkv admin member list` shows progress"
+    )
+
+
+@admin_app.command("rebalance")
+def rebalance(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print the plan; change nothing.")
+    ] = False,
+    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+) -> None:
+    """Spread the replicas evenly over the active nodes, moving as few as possible."""
+    reply = _run(lambda c: c.rebalance(dry_run=dry_run))
+    moves = [
+        {
+            "shard": "meta" if m.shard_id == META_SHARD else m.shard_id,
+            "from": list(m.from_replicas),
+            "to": list(m.to_replicas),
+        }
+        for m in reply.moves
+    ]
+    if output == Output.json:
+        typer.echo(json.dumps({"epoch": reply.view.epoch, "moves": moves}, indent=2))
+        return
+    verb = "would move" if dry_run else "moving"
+    if not moves:
+        typer.echo(f"balanced: no replica to move (view epoch {reply.view.epoch})")
+        return
+    typer.echo(f"{verb} {len(moves)} groups (view epoch {reply.view.epoch}):")
+    for m in moves:
+        typer.echo(f"  shard {m['shard']}: {','.join(m['from'])} -> {','.join(m['to'])}")
 
 
 # -- local cluster ---------------------------------------------------------------------------

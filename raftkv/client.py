@@ -103,6 +103,9 @@ class Client:
         self._kv_stubs: dict[str, kv_grpc.KVStub] = {}
         self._ring: Ring | None = None
         self._leaders: dict[int, str] = {}  # shard → leader gRPC endpoint
+        # The newest cluster view epoch seen in a reply; a newer one makes us refresh.
+        self.epoch = 0
+        self._view_stale = False
         self._next = random.randrange(len(self.endpoints))
         # Concurrent puts and gets share bulk RPCs (see raftkv.batcher); off: one RPC each.
         self._batcher = Batcher(self) if batching else None
@@ -148,7 +151,13 @@ class Client:
 
     def _learn(self, status: kv.StatusResponse) -> None:
         self._ring = Ring(status.shard_count, status.vnodes)
+        self.epoch = max(self.epoch, status.epoch)
+        self._view_stale = False
         grpc_of = {n.id: n.grpc for n in status.nodes}
+        # Nodes that joined since we were given our endpoints serve requests too.
+        for n in status.nodes:
+            if n.grpc and n.grpc not in self.endpoints and n.state in ("", "active"):
+                self.endpoints.append(n.grpc)
         for shard in status.shards:
             if shard.leader in grpc_of:
                 self._leaders[shard.shard_id] = grpc_of[shard.leader]
@@ -156,7 +165,7 @@ class Client:
     async def _route(self, key: bytes) -> int | None:
         if not self.leader_aware:
             return None
-        if self._ring is None:
+        if self._ring is None or self._view_stale:
             try:
                 await self.refresh()
             except RaftKVError:
@@ -188,10 +197,16 @@ class Client:
                 if not err.retryable:
                     raise err from None
                 hint = err.leader_endpoint if isinstance(err, Unavailable) else ""
+                if isinstance(err, Unavailable) and err.epoch > self.epoch:
+                    self.epoch, self._view_stale = err.epoch, True
                 self._follow_hint(shard, hint, endpoint)
             await backoff.wait(err)
 
     def _remember(self, header: kv.ResponseHeader) -> None:
+        if header.epoch > self.epoch:
+            # The cluster changed since we last looked: refresh before the next request.
+            self.epoch = header.epoch
+            self._view_stale = True
         if header.leader_endpoint:
             self._leaders[header.shard_id] = header.leader_endpoint
 

@@ -34,6 +34,9 @@ import grpc
 LEADER_METADATA = "raftkv-leader"
 LEADER_ENDPOINT_METADATA = "raftkv-leader-endpoint"
 SHARD_METADATA = "raftkv-shard"
+# The cluster view epoch of the node that answered: a node (or client) with an older view
+# refreshes it before it tries again (TiKV's EpochNotMatch).
+EPOCH_METADATA = "raftkv-epoch"
 
 
 class RaftKVError(Exception):
@@ -70,11 +73,13 @@ class Unavailable(RaftKVError):
         shard_id: int | None = None,
         leader: str = "",
         leader_endpoint: str = "",
+        epoch: int = 0,
     ) -> None:
         super().__init__(message)
         self.shard_id = shard_id
         self.leader = leader
         self.leader_endpoint = leader_endpoint
+        self.epoch = epoch
 
 
 class NotLeader(Unavailable):
@@ -162,12 +167,14 @@ def error_from_status(
         return Unauthenticated(message)
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(message)
-    shard = md.get(SHARD_METADATA)
+    shard = md.get(SHARD_METADATA, "")
+    epoch = md.get(EPOCH_METADATA, "")
     return Unavailable(
         message or code.name,
-        shard_id=int(shard) if shard else None,
+        shard_id=int(shard) if shard.isdigit() else None,
         leader=md.get(LEADER_METADATA, ""),
         leader_endpoint=md.get(LEADER_ENDPOINT_METADATA, ""),
+        epoch=int(epoch) if epoch.isdigit() and len(epoch) < 20 else 0,
     )
 
 

@@ -106,7 +106,7 @@ class Mover:
         self.node = node
         self.store = store
         # Why a group is not moving, for status and logs (shard id → reason).
-        self.stuck: dict[int, str] = {}
+        self.stuck = node.stuck_moves
         self._throttle = Throttle(interval_s=10.0)
 
     async def run(self) -> None:
@@ -114,6 +114,7 @@ class Mover:
             await asyncio.sleep(MOVE_INTERVAL_S)
             meta = self.node.replicas.get(META_SHARD)
             if meta is None or not meta.is_leader:
+                self.stuck.clear()  # the meta leader reports them, whoever that is now
                 continue
             try:
                 await self.round(meta)

@@ -47,6 +47,7 @@ from raftkv.errors import (
     SHARD_METADATA,
     ClusterMismatch,
     NotLeader,
+    RaftKVError,
     StorageError,
     Unavailable,
     rpc_error,
@@ -186,6 +187,9 @@ class Node:
         for s, storage in storages.items():
             self.replicas[s] = self._replica(s, storage)
         self.started = False
+        # Moves that cannot progress and why (written by the mover while this node leads
+        # the meta group), for status.
+        self.stuck_moves: dict[int, str] = {}
         # Set when a newer view no longer lists this node: it stops serving.
         self.removed = asyncio.Event()
         self._view_lock = asyncio.Lock()
@@ -603,18 +607,24 @@ class Node:
                     peer = self.peers[target]
                     remaining = deadline - time.monotonic()
                     timeout = min(self.settings.forward_timeout_s, max(remaining, 0.05))
+                    err: RaftKVError
                     try:
                         return await remote(peer, timeout)
                     except grpc.aio.AioRpcError as e:
                         err = rpc_error(e)
-                        if not isinstance(err, Unavailable):
-                            raise err from None
-                        if err.leader and err.leader != target:
-                            self.learn_leader(shard_id, err.leader)
-                        else:
-                            peer.failed_at = time.monotonic()
-                            self._leader_cache.pop(shard_id, None)
-                        log.warning("forwarding shard %d to %s failed: %s", shard_id, target, err)
+                    except Unavailable as e:  # a bulk part the peer could not serve
+                        err = e
+                    if not isinstance(err, Unavailable):
+                        raise err from None
+                    if err.epoch > self.view.epoch:
+                        # Our view is older than the peer's: it may route this shard elsewhere.
+                        await self.ensure_epoch(err.epoch)
+                    if err.leader and err.leader != target:
+                        self.learn_leader(shard_id, err.leader)
+                    else:
+                        peer.failed_at = time.monotonic()
+                        self._leader_cache.pop(shard_id, None)
+                    log.warning("forwarding shard %d to %s failed: %s", shard_id, target, err)
             if time.monotonic() + delay > deadline:
                 raise self.unavailable(shard_id, "no leader could serve the request in time")
             await asyncio.sleep(delay)
@@ -705,6 +715,7 @@ class Node:
                 load[n] = load.get(n, 0) + 1
         return kv.StatusResponse(
             node=self.id,
+            stuck_moves=[f"{group_name(s)}: {why}" for s, why in sorted(self.stuck_moves.items())],
             shard_count=view.shards,
             vnodes=view.vnodes,
             cluster_fingerprint=self.cluster_id,
@@ -776,6 +787,9 @@ class Node:
             views[peer.node_id] = view
 
         await asyncio.gather(*(ask(p) for p in self.peers.values()))
+        for view in views.values():
+            if view is not None and view is not local:
+                resp.stuck_moves.extend(m for m in view.stuck_moves if m not in resp.stuck_moves)
         for n in resp.nodes:
             n.reachable = views.get(n.id) is not None
         for view in views.values():

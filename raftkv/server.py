@@ -51,6 +51,7 @@ from raftkv.admission import RETRY_AFTER_METADATA, Admission
 from raftkv.auth import Authenticator, Identity, Role, parse_bearer, require, role_for
 from raftkv.certs import node_id_from_cert
 from raftkv.errors import (
+    EPOCH_METADATA,
     InvalidArgument,
     KeyNotFound,
     Overloaded,
@@ -225,7 +226,8 @@ class Guard:
                 if isinstance(e, Unavailable):
                     if e.leader and not e.leader_endpoint:
                         e.leader_endpoint = self.node.endpoints.get(e.leader, "")
-                    context.set_trailing_metadata(leader_trailers(e))
+                    epoch = ((EPOCH_METADATA, str(self.node.view.epoch)),)
+                    context.set_trailing_metadata(leader_trailers(e) + epoch)
                 elif isinstance(e, Overloaded):
                     context.set_trailing_metadata(
                         ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
@@ -297,6 +299,25 @@ async def _fan_out(
 
     await asyncio.gather(*(run(s, pos) for s, pos in groups.items()))
     return results, headers
+
+
+async def _served(call: Awaitable[Resp]) -> Resp:
+    """A forwarded bulk part's reply, or Unavailable if the peer was not the shard's leader.
+
+    The peer answers a part it cannot serve with per-key UNAVAILABLE errors naming the leader
+    (it never forwards again); raising lets :meth:`Node.route` follow that hint, so a node that
+    holds no replica of the shard learns where its leader is.
+    """
+    resp = await call
+    results = resp.results  # type: ignore[attr-defined]
+    first = results[0].error if results else None
+    if (
+        first is not None
+        and first.code == grpc.StatusCode.UNAVAILABLE.name
+        and all(r.error.code == first.code for r in results)
+    ):
+        raise Unavailable(first.message, leader=first.leader, leader_endpoint=first.leader_endpoint)
+    return resp
 
 
 def _with_id(request: Req, client_id: bytes, seq: int) -> Req:
@@ -403,6 +424,7 @@ class KVService:
             term=info.term,
             index=index,
             leader_endpoint=self.node.endpoints.get(info.leader, ""),
+            epoch=self.node.view.epoch,
         )
 
     async def _write(
@@ -582,7 +604,7 @@ class KVService:
                 data,
                 context,
                 caller,
-                lambda peer, t: peer.kv.PutMany(sub, timeout=t, metadata=md),
+                lambda peer, t: _served(peer.kv.PutMany(sub, timeout=t, metadata=md)),
                 reply,
             )
 
@@ -630,7 +652,7 @@ class KVService:
             return await self.node.route(
                 shard,
                 local,
-                lambda peer, t: peer.kv.GetMany(sub, timeout=t, metadata=md),
+                lambda peer, t: _served(peer.kv.GetMany(sub, timeout=t, metadata=md)),
                 forwarded=caller.forwarded,
                 deadline=deadline,
             )

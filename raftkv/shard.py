@@ -865,11 +865,19 @@ class ShardReplica:
                 loop.call_soon_threadsafe(settle, members)
                 return
             if remove and node_id == self.node_id:
+                # A leader cannot remove itself: hand leadership to the voter that is most
+                # up to date, and have the caller retry there.
+                others = [n for n in members if n != node_id]
+                successor = max(others, key=g.match_index, default="")
+                if successor:
+                    g.transferLeadership(Node(successor), None)
                 loop.call_soon_threadsafe(
                     settle,
-                    NotLeader(
-                        f"shard {self.shard_id}: transfer leadership before removing {node_id}",
+                    Unavailable(
+                        f"shard {self.shard_id}: handing leadership to {successor or 'another'}"
+                        f" replica before removing {node_id}; retry there",
                         shard_id=self.shard_id,
+                        leader=successor,
                     ),
                 )
                 return

@@ -330,8 +330,11 @@ def test_a_client_posing_as_a_forwarding_node_gets_the_client_limit(tmp_path: Pa
         c.start()
         messages: Counter[str] = Counter()
 
+        # A node that leads a shard: its requests wait for commits, so they pile up.
+        leader = c.wait_leaders(30)[0]
+
         async def posing() -> None:
-            channel = c.dialer.channel(c.endpoint("n1"))
+            channel = c.dialer.channel(c.endpoint(leader))
             stub = kv_grpc.KVStub(channel)
             spoof = (("raftkv-forwarded", "n2"),)
 

@@ -1,0 +1,207 @@
+"""Membership at runtime, against real node processes: nodes join and leave, replicas move,
+a dead node is replaced, and no acknowledged write is lost on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from raftkv.errors import RaftKVError
+from raftkv.testing.cluster import LocalCluster, wait_for
+from raftkv.testing.nemesis import converged
+from raftkv.view import META_SHARD
+
+
+class Writer:
+    """Writes keys in the background (bounded in count and time) and records the acked ones."""
+
+    def __init__(self, cluster: LocalCluster, prefix: str, limit: int = 5000) -> None:
+        self.cluster = cluster
+        self.prefix = prefix
+        self.limit = limit
+        self.acked: dict[bytes, bytes] = {}
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        deadline = time.monotonic() + 240
+        async with self.cluster.client(timeout=10) as cl:
+            for i in range(self.limit):
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    return
+                key, value = f"{self.prefix}-{i}".encode(), f"v{i}".encode()
+                try:
+                    await cl.put(key, value)
+                except RaftKVError:
+                    self.failed += 1
+                    continue
+                self.acked[key] = value
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def read_all(c: LocalCluster, node: str, keys: list[bytes]) -> dict[bytes, bytes | None]:
+    async def run() -> dict[bytes, bytes | None]:
+        async with c.client([c.endpoint(node)], timeout=30, leader_aware=False) as cl:
+            found = await cl.get_many(keys)
+            return dict(zip(keys, [r.value if r else None for r in found], strict=True))
+
+    return asyncio.run(run())
+
+
+def settled(c: LocalCluster, node: str, min_epoch: int) -> object:
+    """The status once the view is past ``min_epoch`` and no move is in progress."""
+    s = c.status(node)
+    return s if s.epoch >= min_epoch and not s.moves else None
+
+
+def admin(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    endpoints = ",".join(c.endpoint(n) for n in c.nodes if c.nodes[n].running)
+    return subprocess.run(
+        [sys.executable, "-m", "raftkv", "admin", "-e", endpoints, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=3) as c:
+        c.start()
+        plan = admin(c, "rebalance", "--dry-run")
+        assert plan.returncode == 0 and "balanced" in plan.stdout, plan.stderr
+        with Writer(c, "grow") as w:
+            wait_for(lambda: len(w.acked) > 100, 30, "writes before the join")
+            c.add_node("n4")
+            s = wait_for(lambda: settled(c, "n1", 2), 120, "the replica moves onto n4")
+            wait_for(lambda: len(w.acked) > 600, 60, "writes after the join")
+        assert w.acked, "nothing was acknowledged"
+        # every shard back at three replicas; n4 holds its share: 24 replicas / 4 nodes
+        assert all(len(sh.replicas) == 3 for sh in s.shards)  # type: ignore[attr-defined]
+        load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
+        assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
+        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
+        assert ok, detail
+        keys = list(w.acked)
+        for node in ("n1", "n4"):
+            assert read_all(c, node, keys) == w.acked, f"a write was lost (read via {node})"
+        n4_dirs = sorted(p.name for p in c.nodes["n4"].data_dir.glob("shard-*"))
+        assert len(n4_dirs) == 6
+
+        listed = admin(c, "member", "list", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert '"id": "n4"' in listed.stdout
+
+        # leave: drained first, then removed; the node stops by itself and its data goes
+        out = admin(c, "member", "remove", "n4")
+        assert out.returncode == 0, out.stderr
+        assert "leaving" in out.stdout
+        s = wait_for(
+            lambda: (
+                lambda st: st if not st.moves and "n4" not in [n.id for n in st.nodes] else None
+            )(c.status("n1")),
+            120,
+            "n4 to be drained and removed",
+        )
+        load = Counter(n for sh in s.shards for n in sh.replicas)
+        assert load == {"n1": 8, "n2": 8, "n3": 8}
+        proc = c.nodes["n4"].process
+        assert proc is not None
+        assert proc.wait(30) == 0, "a removed node stops by itself, cleanly"
+        assert not list(c.nodes["n4"].data_dir.glob("shard-*")), "its replicas were deleted"
+        c.forget_node("n4")
+        assert read_all(c, "n2", keys) == w.acked
+
+
+def test_a_dead_node_is_replaced_from_the_surviving_quorums(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=4, shards=8, replicas=3) as c:
+        c.start()
+        with Writer(c, "dead", limit=400) as w:
+            wait_for(lambda: len(w.acked) > 200, 60, "writes")
+        c.kill("n2")
+        shards_on_n2 = [sh.shard_id for sh in c.status("n1").shards if "n2" in sh.replicas]
+        assert shards_on_n2
+        out = admin(c, "member", "remove", "n2", "--dead")
+        assert out.returncode == 0, out.stderr
+        s = wait_for(
+            lambda: (
+                lambda st: st if not st.moves and "n2" not in [n.id for n in st.nodes] else None
+            )(c.status("n1")),
+            120,
+            "n2's replicas to be re-created elsewhere",
+        )
+        for sh in s.shards:
+            assert len(sh.replicas) == 3 and "n2" not in sh.replicas
+        c.forget_node("n2")
+        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
+        assert ok, detail
+        assert read_all(c, "n3", list(w.acked)) == w.acked
+
+
+def test_a_move_interrupted_by_crashes_resumes_and_loses_nothing(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=3) as c:
+        c.start()
+        with Writer(c, "crash", limit=3000) as w:
+            wait_for(lambda: len(w.acked) > 100, 30, "writes")
+            c.add_node("n4")
+            # kill the meta leader (it runs the mover) and the new node mid-move
+            wait_for(lambda: c.status("n1").epoch >= 2, 30, "the join")
+            meta_leader = c.status("n1").meta.leader
+            assert meta_leader
+            c.kill(meta_leader)
+            c.kill("n4")
+            c.start_node(meta_leader)
+            c.start_node("n4")
+            s = wait_for(lambda: settled(c, "n1", 2), 180, "the moves to resume and finish")
+        load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
+        assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
+        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
+        assert ok, detail
+        assert read_all(c, "n4", list(w.acked)) == w.acked
+
+
+def test_bad_membership_requests_get_one_clear_line(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=4, replicas=3) as c:
+        c.start()
+        out = admin(c, "member", "remove", "n3")
+        assert out.returncode == 2
+        assert "fewer than the replication factor" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        out = admin(c, "member", "remove", "n9")
+        assert out.returncode == 2 and "not a member" in out.stderr
+        out = admin(c, "member", "add", "n4", "--grpc", c.endpoint("n1"), "--raft", "127.0.0.1:1")
+        assert out.returncode == 2 and "already used by node n1" in out.stderr
+        # nothing changed
+        s = c.status("n1")
+        assert s.epoch == 1 and not s.moves
+        assert s.meta.leader and s.meta.shard_id == META_SHARD
+
+
+def test_a_joined_node_restarts_from_its_saved_view(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=3, shards=4, replicas=3) as c:
+        c.start()
+        c.add_node("n4")
+        wait_for(lambda: settled(c, "n1", 2), 120, "moves onto n4")
+        c.stop_node("n4")
+        c.start_node("n4")
+        s = c.status("n4")
+        assert s.epoch >= 2 and "n4" in [n.id for n in s.nodes]
+
+        async def put_get() -> bytes:
+            async with c.client([c.endpoint("n4")], timeout=10, leader_aware=False) as cl:
+                await cl.put(b"after-restart", b"ok")
+                return (await cl.get(b"after-restart")).value
+
+        assert asyncio.run(put_get()) == b"ok"
