@@ -6,7 +6,10 @@ Architecture map (see DESIGN.md for the long form)::
                         │  admission.py   bounded RPCs in flight; Gate for expensive calls
                         │  auth.py        bearer tokens → identity → role (read/readwrite/admin)
                         │  ring.py        key   → shard      (mmh3, virtual nodes)
-                        │  placement.py   shard → replicas   (deterministic from the file)
+                        │  view.py        the cluster view: nodes, shard → replicas/target,
+                        │                 an epoch; one immutable object, swapped whole
+                        │  placement.py   bootstrap placement; minimal-movement rebalancing
+                        │  membership.py  at the meta leader: view CAS + the replica mover
                         │  node.py        leader here? run it : forward once (caller's token);
                         │                 opens and checks every replica's files at start-up
                         ▼
@@ -24,7 +27,8 @@ Architecture map (see DESIGN.md for the long form)::
     client side: client.py  ring + leader cache, retries with backoff, bulk calls
                  batcher.py concurrent puts/gets of one client share one bulk RPC per node
 
-    tools:       cli.py (serve, client, certs, auth, local up, demo, bench), demo.py, bench.py
+    tools:       cli.py (serve, client, admin, shell, certs, auth, local up, demo, bench),
+                 demo.py, bench.py
                  shell.py interactive shell: one client session, a table of commands
     testing/:    cluster.py LocalCluster of real processes (plain or secure); nemesis.py
                  faults under load; history.py + linearizability.py check histories;

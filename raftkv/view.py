@@ -158,7 +158,10 @@ class ClusterView:
         if node.state == state:
             return self
         remaining = [n for n in self.nodes if n.state == ACTIVE and n.id != node_id]
-        if len(remaining) < self.replicas:
+        # A planned drain must never leave a group below the replication factor. A dead node
+        # is gone whatever we decide: its groups run with fewer replicas until a node joins
+        # (and the planner fills them up again).
+        if not remaining or (not dead and len(remaining) < self.replicas):
             raise ConfigError(
                 f"cannot remove {node_id}: {len(remaining)} active nodes would remain, fewer "
                 f"than the replication factor {self.replicas}; add a node first"

@@ -32,6 +32,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from raftkv import certs
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.client import Client
@@ -179,6 +180,8 @@ class LocalCluster:
             address, self.base_dir / "data" / node_id, self.base_dir / "logs"
         )
         self.joined.add(node_id)
+        if self.credentials is not None and not self.credentials.node_cert(node_id)[0].exists():
+            certs.create_node_cert(self.credentials.directory, node_id, [host, node_id])
         self.start_node(node_id, wait=wait)
         return self.nodes[node_id]
 
@@ -199,6 +202,8 @@ class LocalCluster:
                 "--raft",
                 n.address.raft,
             ]
+            if self.credentials is not None:
+                where += ["--join-token-file", self.credentials.client_env()["RAFTKV_TOKEN_FILE"]]
         else:
             where = ["--cluster", str(self.cluster_file)]
         return [

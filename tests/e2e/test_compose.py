@@ -29,7 +29,8 @@ from cryptography import x509
 from raftkv.credentials import Credentials
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("n1", "n2", "n3")
+SERVICES = ("n1", "n2", "n3")  # the nodes of the cluster file
+JOINER = "n4"  # profile "join": joins the running cluster (serve --join)
 CERTS_SERVICE = "certs"
 CERTS_DIR = Path("/certs")  # where the nodes mount the credentials (read-only)
 CA_VOLUME = "ca"  # holds the CA key; no node may mount it
@@ -80,9 +81,20 @@ def test_compose_failover_end_to_end() -> None:
     assert re.search(r"^OK: all (\d+) keys intact across the whole story$", out, re.M), tail
     assert not re.search(r"^FAIL: ", out, re.M), tail
 
+    # Replacing a node lost for good (scripts/replace-demo.sh), each step.
+    assert "REPLACE DEMO PASSED" in out, tail
+    for step in (
+        r"n3 is gone for good \(container and data volume deleted\)",
+        r"n3 removed as dead: every group runs on its two live replicas after [0-9.]+s",
+        r"n4 joined and is healthy",
+        r"every shard back at full replication \(3 replicas agree, no move left\) after [0-9.]+s",
+        r"all \d+ keys intact after replacing n3 with n4",
+    ):
+        assert re.search(rf"^OK: {step}$", out, re.M), f"missing step {step!r}:\n{tail}"
+
     # The protections, as the demo probed them (its lines "    <what it saw>", then "OK: ...").
     made = set(re.findall(r"node-(n\d)\.crt: CN=\1 SANs=DNS:\1,", out))
-    assert made == set(SERVICES), f"the certs service did not list every node certificate: {made}"
+    assert made == {*SERVICES, JOINER}, f"the certs service did not list every node cert: {made}"
     assert re.search(r"^OK: no node container holds the CA key, and /certs is read-only", out, re.M)
     plain = dict(
         re.findall(
@@ -146,7 +158,7 @@ def flag_values(args: list[str]) -> dict[str, str]:
 def test_compose_services_run_one_node_each_from_the_local_image() -> None:
     compose = load_compose()
     services = compose.get("services") or {}
-    assert sorted(services) == sorted([CERTS_SERVICE, *SERVICES]), sorted(services)
+    assert sorted(services) == sorted([CERTS_SERVICE, *SERVICES, JOINER]), sorted(services)
     for name, svc in node_services(compose).items():
         assert svc.get("image") == "raftkv:local", (name, svc.get("image"))
         assert svc.get("pull_policy") == "never", (name, svc.get("pull_policy"))
@@ -157,6 +169,15 @@ def test_compose_services_run_one_node_each_from_the_local_image() -> None:
         assert args[:1] == ["serve"], (name, args)
         assert args[args.index("--id") + 1] == name, (name, args)
         assert args[args.index("--data-dir") + 1] == "/data", (name, args)
+        if name == JOINER:
+            # not in the cluster file: it joins through the others, behind a profile
+            assert svc.get("profiles") == ["join"], svc.get("profiles")
+            assert "--cluster" not in args, args
+            flags = flag_values(args)
+            assert flags["--join"] == ",".join(f"{n}:7001" for n in SERVICES), flags
+            assert (flags["--grpc"], flags["--raft"]) == (f"{name}:7001", f"{name}:7101")
+            continue
+        assert not svc.get("profiles"), (name, svc.get("profiles"))
         cluster_file = args[args.index("--cluster") + 1]
         assert f"./cluster/compose.toml:{cluster_file}:ro" in svc.get("volumes", []), (
             name,
@@ -181,7 +202,7 @@ def test_compose_data_lives_in_named_volumes() -> None:
         for v in svc["volumes"]
         if v.split(":")[1] == "/data"
     }
-    assert len(sources) == len(SERVICES), f"services share a data volume: {sources}"
+    assert len(sources) == len(SERVICES) + 1, f"services share a data volume: {sources}"
 
 
 def test_compose_healthchecks_ask_the_grpc_health_service_over_tls() -> None:
@@ -204,7 +225,8 @@ def test_compose_healthchecks_ask_the_grpc_health_service_over_tls() -> None:
         assert env.get("RAFTKV_CACERT") == str(Credentials(CERTS_DIR).ca), (name, env)
         # The health probe dials the address the node binds: its own gRPC address.
         probe = env.get("RAFTKV_GRPC")
-        assert probe == cluster["nodes"][name]["grpc"], (name, probe)
+        own = flag_values(command_args(svc)).get("--grpc") or cluster["nodes"][name]["grpc"]
+        assert probe == own, (name, probe)
 
 
 def test_compose_nodes_serve_tls_on_both_ports_with_a_secret_and_tokens() -> None:
@@ -303,7 +325,7 @@ def test_certs_service_makes_what_the_nodes_use_once(tmp_path: Path) -> None:
     assert ".new" not in made and "leftover" not in made, made
     assert "ca.key" not in made, "the CA key is in the volume every node mounts"
     assert sorted(p.name for p in ca.iterdir()) == ["ca.key"]
-    for node in SERVICES:
+    for node in (*SERVICES, JOINER):
         assert f"node-{node}.crt" in first, first  # it lists what it made
     # Every file a node is told to use exists, under the nodes' mount point.
     for name, node_svc in node_services(compose).items():
@@ -371,7 +393,7 @@ def test_dockerfile_is_conventional() -> None:
 
 
 def test_scripts_are_executable_bash() -> None:
-    for script in ("failover-demo.sh", "compose-e2e"):
+    for script in ("failover-demo.sh", "replace-demo.sh", "compose-e2e"):
         path = ROOT / "scripts" / script
         assert os.access(path, os.X_OK), f"{path} is not executable"
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)

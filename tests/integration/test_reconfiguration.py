@@ -4,6 +4,7 @@ a dead node is replaced, and no acknowledged write is lost on the way."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -69,11 +70,13 @@ def settled(c: LocalCluster, node: str, min_epoch: int) -> object:
 
 def admin(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     endpoints = ",".join(c.endpoint(n) for n in c.nodes if c.nodes[n].running)
+    env = {**os.environ, **(c.credentials.client_env() if c.credentials else {})}
     return subprocess.run(
         [sys.executable, "-m", "raftkv", "admin", "-e", endpoints, *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 
@@ -205,3 +208,40 @@ def test_a_joined_node_restarts_from_its_saved_view(tmp_path: Path) -> None:
                 return (await cl.get(b"after-restart")).value
 
         assert asyncio.run(put_get()) == b"ok"
+
+
+def test_a_secure_cluster_grows_and_shrinks_with_tls_tokens_and_the_secret(tmp_path: Path) -> None:
+    """Nodes call each other for moves without a token, vouched for by the cluster secret;
+    an operator needs the admin token; a read token may look but not change membership."""
+    with LocalCluster.create(tmp_path, nodes=3, shards=4, replicas=3, secure=True) as c:
+        c.start()
+        with Writer(c, "secure", limit=300) as w:
+            wait_for(lambda: len(w.acked) > 50, 30, "writes")
+            c.add_node("n4")
+            wait_for(lambda: settled(c, "n1", 2), 120, "moves onto n4")
+        assert read_all(c, "n4", list(w.acked)) == w.acked
+        assert c.credentials is not None
+        no_token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "raftkv",
+                "admin",
+                "-e",
+                c.endpoint("n1"),
+                "--cacert",
+                str(c.credentials.ca),
+                "member",
+                "remove",
+                "n4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_TOKEN")},
+        )
+        assert no_token.returncode == 2 and "not authenticated" in no_token.stderr
+        out = admin(c, "member", "remove", "n4")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: "n4" not in [n.id for n in c.status("n1").nodes], 120, "n4 to be removed")
+        assert read_all(c, "n2", list(w.acked)) == w.acked

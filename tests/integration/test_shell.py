@@ -7,6 +7,7 @@ from pathlib import Path
 
 from raftkv.testing.cluster import LocalCluster
 
+
 # `raftkv shell` is not wired into the CLI yet: run the module's entry point directly.
 def shell(cluster: LocalCluster, *lines: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -49,6 +49,11 @@ def test_removing_a_member_needs_enough_nodes_left_and_marks_it() -> None:
     assert all("n2" not in g.target for _, g in leaving.groups())
     dead = grown.with_member_leaving("n2", dead=True)
     assert dead.node("n2").state == DEAD  # type: ignore[union-attr]
+    # a dead node may leave its groups under-replicated until another joins
+    short = view.with_member_leaving("n3", dead=True).planned()
+    assert all(g.target == tuple(n for n in g.replicas if n != "n3") for _, g in short.groups())
+    refilled = short.with_member("n4", "127.0.0.1:7004", "127.0.0.1:7104").planned()
+    assert all(len(g.target) == 3 and "n4" in g.target for g in refilled.placement)
     with pytest.raises(ConfigError, match="not a member"):
         view.with_member_leaving("n9", dead=True)
 
