@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,8 @@ T = TypeVar("T")
 FORWARDED_METADATA = "raftkv-forwarded"
 DATA_FORMAT = 2  # node.json "format": 2 = checksummed journals and snapshots
 VIEW_FILE = "view.pb"
+# The incarnation of every peer this node has linked with (see _check_incarnation).
+PEERS_FILE = "peers.json"
 # How often a node checks the meta group for a newer cluster view.
 VIEW_REFRESH_S = 0.5
 # After a peer refuses a connection, do not try it again for this long.
@@ -176,13 +179,24 @@ class Node:
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
         initialized = self._check_data_dir()
+        # Made once per data dir: peers remember it, so this node id coming back with an
+        # empty data dir (and no memory of its votes) is refused instead of voting blind.
+        self.incarnation = str(self._node_json().get("incarnation") or secrets.token_hex(8))
+        self._known_incarnations = self._load_incarnations()
         storages = self._open_storages(initialized)
         if not initialized or self._write_node_json_after_open:
             # Only now: a node.json means "this node has been a member", so a shard directory
             # missing later is state that was lost (see _open_storages).
             self._write_node_json()
         self._save_view(self.view)
-        self.driver = RaftDriver(self.view, self.id, settings.raft, link_security)
+        self.driver = RaftDriver(
+            self.view,
+            self.id,
+            settings.raft,
+            link_security,
+            incarnation=self.incarnation,
+            check_incarnation=self._check_incarnation,
+        )
         self.replicas: dict[int, ShardReplica] = {}
         for s, storage in storages.items():
             self.replicas[s] = self._replica(s, storage)
@@ -228,6 +242,51 @@ class Node:
 
     # -- the cluster view ---------------------------------------------------------------------
 
+    # -- incarnations (a node id that lost its data dir) ---------------------------------------
+
+    def _load_incarnations(self) -> dict[str, str]:
+        path = self.settings.data_dir / PEERS_FILE
+        try:
+            known = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise StorageError(f"{path} is unreadable ({e}); move it aside") from None
+        if not isinstance(known, dict):
+            raise StorageError(f"{path} is not a JSON object; move it aside")
+        return {str(k): str(v) for k, v in known.items()}
+
+    def _save_incarnations(self) -> None:
+        data = json.dumps(self._known_incarnations, indent=2, sort_keys=True) + "\n"
+        write_file(self.settings.data_dir / PEERS_FILE, data.encode(), overwrite=True)
+
+    def _check_incarnation(self, peer_id: str, incarnation: str) -> str:
+        """Why a peer's Raft link must be refused ("" to accept it); on the Raft thread."""
+        known = self._known_incarnations.get(peer_id)
+        if known == incarnation:
+            return ""
+        if known is None:
+            self._known_incarnations[peer_id] = incarnation
+            try:
+                self._save_incarnations()
+            except OSError as e:
+                log.error("cannot record %s's incarnation: %s", peer_id, e.strerror or e)
+            return ""
+        return (
+            f"{peer_id} came back with a new data dir (incarnation {incarnation}, this node "
+            f"knew {known}): it lost its state, and with it its votes, so it must not take part; "
+            f"remove it (raftkv admin member remove {peer_id} --dead) and start it again with "
+            "serve --join, or restore its data dir"
+        )
+
+    def _forget_incarnations(self, view: ClusterView) -> None:
+        """A node that left the view may come back (serve --join) with a new data dir."""
+        gone = [n for n in self._known_incarnations if view.node(n) is None]
+        for n in gone:
+            del self._known_incarnations[n]
+        if gone:
+            self._save_incarnations()
+
     def bootstrap_view(self) -> ClusterView:
         """The view the meta group holds before its first change (epoch 1)."""
         if self._bootstrap is None:
@@ -257,7 +316,12 @@ class Node:
             for p in self._sync_peers():
                 await p.close()
             raft_peers = {n.id: n.raft for n in view.nodes}
-            self.driver.call_soon(lambda: self.driver.transport.set_peers(raft_peers))
+
+            def update_peers() -> None:
+                self.driver.transport.set_peers(raft_peers)
+                self._forget_incarnations(view)
+
+            self.driver.call_soon(update_peers)
             if view.node(self.id) is None:
                 log.warning("node %s is no longer a member of the cluster: stopping", self.id)
                 self.removed.set()
@@ -310,7 +374,9 @@ class Node:
             entry = meta.read_local(VIEW_KEY)
             if entry is not None:
                 await self.apply_view(ClusterView.decode(entry.value))
-            return
+            if meta.info.leader:
+                return  # our replica follows a leader: it is as fresh as a peer's would be
+            # No leader known here (cut off, or refused by its peers): ask them over gRPC.
         hosts = [self.peers[n] for n in self.view.meta.hosts if n in self.peers]
 
         async def ask(peer: Peer) -> ClusterView | None:
@@ -489,7 +555,7 @@ class Node:
                     "cannot serve it. Move it aside and start the node with an empty data dir "
                     "so it rebuilds from its peers"
                 )
-            if not have.get("meta"):
+            if not have.get("meta") or not have.get("incarnation"):
                 self._write_node_json_after_open = True
             return True
         return False
@@ -512,6 +578,7 @@ class Node:
             # This data dir has had a meta group directory (if the view placed one here) since
             # it was created: a missing one is lost state, not an upgrade from before 0.3.
             "meta": True,
+            "incarnation": self.incarnation,
         }
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(want, indent=2) + "\n")

@@ -360,6 +360,9 @@ class RaftDriver:
         node_id: str,
         tuning: RaftTuning,
         security: LinkSecurity,
+        *,
+        incarnation: str = "",
+        check_incarnation: Callable[[str, str], str] = lambda _p, _i: "",
     ) -> None:
         self.poller = createPoller("auto")
         self.transport = MuxTransport(
@@ -370,6 +373,8 @@ class RaftDriver:
             limits=LinkLimits(idle_timeout_s=tuning.connection_timeout_s),
             shard_terms=self._shard_terms,
             on_peer_state=self._peer_state,
+            incarnation=incarnation,
+            check_incarnation=check_incarnation,
         )
         self.tuning = tuning
         self._replicas: list[ShardReplica] = []

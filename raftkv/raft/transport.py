@@ -180,6 +180,8 @@ class MuxTransport:
         limits: LinkLimits | None = None,
         shard_terms: Callable[[], dict[int, int]] = dict,
         on_peer_state: Callable[[str, dict[int, int]], None] = lambda _p, _t: None,
+        incarnation: str = "",
+        check_incarnation: Callable[[str, str], str] = lambda _p, _i: "",
     ) -> None:
         self._addresses = dict(nodes)
         self._node_id = node_id
@@ -188,6 +190,10 @@ class MuxTransport:
         self._limits = limits or LinkLimits()
         self._shard_terms = shard_terms
         self._on_peer_state = on_peer_state
+        # Ours, sent first on every link; a peer's is checked by check_incarnation, which
+        # answers why the link must be refused ("" to accept it).
+        self._incarnation = incarnation
+        self._check_incarnation = check_incarnation
         self._shards: dict[int, ShardTransport] = {}
         self._peers: dict[str, _Peer] = {}
         self.set_peers(nodes)
@@ -491,6 +497,8 @@ class MuxTransport:
         peer.problem = peer.logged_problem = ""
         peer.last_ping = time.monotonic()
         log.info("raft link to %s up (%s)", peer.node_id, link.remote)
+        if self._incarnation:
+            link.send_frame(wire.encode_incarnation(self._incarnation))
         link.send_frame(wire.encode_peer_state(self._shard_terms()))
         for shard in list(self._shards.values()):
             shard.peer_connected(peer.node_id)
@@ -499,6 +507,14 @@ class MuxTransport:
         try:
             kind, shard_id, body = wire.decode(payload)
         except wire.MalformedFrame as e:
+            if payload[:1] == bytes([hs.FrameType.REFUSE]) and self._security.secret is None:
+                # Without a secret a link goes up on the peer's hello, before the peer has
+                # checked ours: its refusal (say, we are not a member in its view) may arrive
+                # after that. It is not a Raft frame; take it for what it is.
+                code, reason = hs.parse_refuse(payload[1:])
+                self.refused_by_peer(link, code, reason)
+                link.close(f"refused by the peer: {reason}")
+                return
             link.close(f"malformed frame from {link.peer_id}: {e}")
             log.error("dropping the Raft link to %s: %s", link.peer_id, e)
             return
@@ -507,6 +523,16 @@ class MuxTransport:
                 shard = self._shards.get(shard_id)
                 if shard is not None:
                     shard.deliver(link.peer_id, body)
+            elif kind == "incarnation":
+                refusal = self._check_incarnation(link.peer_id, body)
+                if refusal:
+                    peer = self._peers.get(link.peer_id)
+                    if peer is not None:
+                        peer.problem = refusal
+                        peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
+                    if self._throttle.allow(f"incarnation:{link.peer_id}"):
+                        log.error("refusing the Raft link from %s: %s", link.peer_id, refusal)
+                    link.close(refusal)
             elif kind == "peer_state":
                 peer = self._peers.get(link.peer_id)
                 if peer is None:
@@ -548,8 +574,10 @@ class MuxTransport:
         for peer in self._peers.values():
             if peer.link is link:
                 peer.link = None
+                refused = peer.problem == reason  # we refused it, and said so (throttled)
                 peer.problem = reason
-                log.warning("raft link to %s down: %s", peer.node_id, reason)
+                if not refused:
+                    log.warning("raft link to %s down: %s", peer.node_id, reason)
                 self._notify_down(peer.node_id)
                 return
             if peer.dialing is link:

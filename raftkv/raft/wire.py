@@ -50,6 +50,10 @@ def encode_ping() -> bytes:
     return _PING
 
 
+def encode_incarnation(incarnation: str) -> bytes:
+    return pb.RaftFrame(incarnation=pb.Incarnation(id=incarnation)).SerializeToString()
+
+
 def encode_peer_state(shard_terms: dict[int, int]) -> bytes:
     frame = pb.RaftFrame()
     frame.peer_state.SetInParent()  # an empty map must still say "peer state"
@@ -133,7 +137,8 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
 
 Decoded = tuple[str, int, Any]
 """``(kind, shard_id, payload)``: kind is ``"raft"`` (payload: a pysyncobj message dict),
-``"ping"`` (payload None) or ``"peer_state"`` (payload: ``{shard_id: term}``)."""
+``"ping"`` (payload None), ``"peer_state"`` (payload: ``{shard_id: term}``) or
+``"incarnation"`` (payload: the sender's incarnation id)."""
 
 
 def decode(data: bytes) -> Decoded:
@@ -214,6 +219,8 @@ def decode(data: bytes) -> Decoded:
         return ("ping", 0, None)
     elif which == "peer_state":
         return ("peer_state", 0, dict(frame.peer_state.shard_terms))
+    elif which == "incarnation":
+        return ("incarnation", 0, frame.incarnation.id)
     else:
         raise MalformedFrame("Raft frame with no known body")
     return ("raft", shard, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -245,3 +246,59 @@ def test_a_secure_cluster_grows_and_shrinks_with_tls_tokens_and_the_secret(tmp_p
         assert out.returncode == 0, out.stderr
         wait_for(lambda: "n4" not in [n.id for n in c.status("n1").nodes], 120, "n4 to be removed")
         assert read_all(c, "n2", list(w.acked)) == w.acked
+
+
+def test_a_node_back_with_an_empty_data_dir_is_refused_until_removed_and_rejoined(
+    tmp_path: Path,
+) -> None:
+    """Its votes are lost with its disk: its peers refuse its Raft links (it never votes or
+    acknowledges), say why in status, and accept it again once it was removed and rejoins."""
+    with LocalCluster.create(tmp_path, nodes=4, shards=4, replicas=3) as c:
+        c.start()
+        with Writer(c, "wiped", limit=200) as w:
+            wait_for(lambda: len(w.acked) > 100, 30, "writes")
+        c.stop_node("n3")
+        shutil.rmtree(c.nodes["n3"].data_dir)
+        c.start_node("n3")
+
+        def refused() -> str:
+            links = {n.id: n.raft_link for n in c.status("n1").nodes}
+            return links["n3"] if "new data dir" in links["n3"] else ""
+
+        why = wait_for(refused, 30, "n1 to refuse the wiped n3")
+        assert "remove it (raftkv admin member remove n3 --dead)" in why
+        # it takes no part: every write still commits without it, and it never leads or holds data
+        assert read_all(c, "n1", list(w.acked)) == w.acked
+        wiped = c.status("n3")
+        assert all(
+            r.keys == 0 and r.role != "leader"
+            for sh in wiped.shards
+            for r in sh.replica_status
+            if r.node == "n3"
+        )
+
+        out = admin(c, "member", "remove", "n3", "--dead")
+        assert out.returncode == 0, out.stderr
+        wait_for(
+            lambda: (
+                lambda st: st if not st.moves and "n3" not in [n.id for n in st.nodes] else None
+            )(c.status("n1")),
+            120,
+            "n3 removed",
+        )
+        proc = c.nodes["n3"].process
+        assert proc is not None and proc.wait(30) == 0, "the removed n3 stops by itself"
+        c.forget_node("n3")
+        shutil.rmtree(tmp_path / "data" / "n3")
+        c.add_node("n3")  # the same id, a new data dir: a new member
+        s = wait_for(
+            lambda: (lambda st: st if not st.moves and "n3" in [n.id for n in st.nodes] else None)(
+                c.status("n1")
+            ),
+            120,
+            "n3 to join again",
+        )
+        assert {n.id: n.raft_link for n in s.nodes}["n3"] == "up"
+        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
+        assert ok, detail
+        assert read_all(c, "n3", list(w.acked)) == w.acked

@@ -7,10 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RaftFrame(_message.Message):
-    __slots__ = ("shard_id", "ping", "peer_state", "request_vote", "response_vote", "append_entries", "install_snapshot", "next_index", "apply_command", "apply_command_response", "timeout_now")
+    __slots__ = ("shard_id", "ping", "peer_state", "incarnation", "request_vote", "response_vote", "append_entries", "install_snapshot", "next_index", "apply_command", "apply_command_response", "timeout_now")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     PEER_STATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_VOTE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_VOTE_FIELD_NUMBER: _ClassVar[int]
     APPEND_ENTRIES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +23,7 @@ class RaftFrame(_message.Message):
     shard_id: int
     ping: Ping
     peer_state: PeerState
+    incarnation: Incarnation
     request_vote: RequestVote
     response_vote: ResponseVote
     append_entries: AppendEntries
@@ -30,7 +32,7 @@ class RaftFrame(_message.Message):
     apply_command: ApplyCommand
     apply_command_response: ApplyCommandResponse
     timeout_now: TimeoutNow
-    def __init__(self, shard_id: _Optional[int] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., peer_state: _Optional[_Union[PeerState, _Mapping]] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., response_vote: _Optional[_Union[ResponseVote, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., next_index: _Optional[_Union[NextIndex, _Mapping]] = ..., apply_command: _Optional[_Union[ApplyCommand, _Mapping]] = ..., apply_command_response: _Optional[_Union[ApplyCommandResponse, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ...) -> None: ...
+    def __init__(self, shard_id: _Optional[int] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., peer_state: _Optional[_Union[PeerState, _Mapping]] = ..., incarnation: _Optional[_Union[Incarnation, _Mapping]] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., response_vote: _Optional[_Union[ResponseVote, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., next_index: _Optional[_Union[NextIndex, _Mapping]] = ..., apply_command: _Optional[_Union[ApplyCommand, _Mapping]] = ..., apply_command_response: _Optional[_Union[ApplyCommandResponse, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ()
@@ -48,6 +50,12 @@ class PeerState(_message.Message):
     SHARD_TERMS_FIELD_NUMBER: _ClassVar[int]
     shard_terms: _containers.ScalarMap[int, int]
     def __init__(self, shard_terms: _Optional[_Mapping[int, int]] = ...) -> None: ...
+
+class Incarnation(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class RequestVote(_message.Message):
     __slots__ = ("term", "last_log_index", "last_log_term")
