@@ -611,7 +611,8 @@ class Node:
         replica = self.replicas.get(shard_id)
         if replica is not None and replica.info.leader:
             return replica.info.leader
-        return self._leader_cache.get(shard_id, "")
+        cached = self._leader_cache.get(shard_id, "")
+        return "" if cached == self.id else cached  # we led it once; we do not now
 
     def learn_leader(self, shard_id: int, leader: str) -> None:
         if leader and leader in self.endpoints:
@@ -634,8 +635,10 @@ class Node:
         peer = self.peers.get(leader)
         if peer is not None and now - peer.failed_at > PEER_BACKOFF_S:
             return leader
-        if shard_id in self.replicas:
-            return ""  # we are a replica: wait for our own group to learn the leader
+        replica = self.replicas.get(shard_id)
+        if replica is not None and not replica.joining:
+            return ""  # we are a voter: wait for our own group to learn the leader
+        # (A replica still joining hears from no leader until it has been added: ask others.)
         for n in self.view.group(shard_id).replicas:
             peer = self.peers.get(n)
             if peer is not None and n not in tried and now - peer.failed_at > PEER_BACKOFF_S:

@@ -842,6 +842,11 @@ class ShardReplica:
     def members(self) -> list[str]:
         return self._info.members
 
+    @property
+    def joining(self) -> bool:
+        """Created for a move and not yet added by the group's leader."""
+        return self._joining
+
     async def change_member(self, remove: bool, node_id: str, timeout: float) -> list[str]:
         """Add or remove one voter; return the voters once the change has committed.
 

@@ -10,7 +10,10 @@ faults:
 * ``partition``: cut one node's Raft traffic from the others with iptables, then heal it
   (root only; each node has its own loopback address, and the transport binds outgoing Raft
   connections to it, so a rule on that address cuts exactly that node);
-* ``kill-all``: SIGKILL every node at once, then restart them all.
+* ``kill-all``: SIGKILL every node at once, then restart them all;
+* ``move``: a new node joins (``serve --join``) and replicas move onto it, then another node
+  is drained and removed (``member remove``): every group goes through Raft membership
+  changes while the clients run.
 
 Every operation is recorded with its invocation time, completion time and outcome (ok, failed,
 unknown). Afterwards we check that (1) the history is linearizable per key
@@ -31,7 +34,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +53,9 @@ from raftkv.testing.linearizability import CheckResult, check
 
 log = logging.getLogger("raftkv.nemesis")
 
-FAULT_KINDS = ("kill", "pause", "partition", "kill-all")
+FAULT_KINDS = ("kill", "pause", "partition", "kill-all", "move")
+# A membership move waits this long for the replicas to settle, per step.
+MOVE_SETTLE_S = 90.0
 
 
 def loopback_hosts(n: int) -> list[str]:
@@ -64,8 +69,12 @@ class Partitioner:
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
         self.chain = f"RAFTKV-{os.getpid()}"
-        self.ports = ",".join(str(n.raft.rsplit(":", 1)[1]) for n in cluster.config.nodes)
         self._installed = False
+
+    @property
+    def ports(self) -> str:
+        """The Raft ports of the nodes there are now (membership moves change them)."""
+        return ",".join(n.address.raft.rsplit(":", 1)[1] for n in self.cluster.nodes.values())
 
     @staticmethod
     def available() -> tuple[bool, str]:
@@ -272,6 +281,7 @@ class Nemesis:
         self.rng = random.Random(seed)
         self.partitioner = partitioner
         self.faults: list[Fault] = []
+        self._joined = len(cluster.nodes)
 
     def kinds(self) -> list[str]:
         return [k for k in FAULT_KINDS if k != "partition" or self.partitioner is not None]
@@ -297,6 +307,8 @@ class Nemesis:
             self.partitioner.cut(node)
             time.sleep(self.rng.uniform(1.0, 3.0))
             self.partitioner.heal()
+        elif kind == "move":
+            fault = self._move()
         else:
             fault = Fault(kind, "all", time.monotonic())
             c.kill_all()
@@ -306,6 +318,35 @@ class Nemesis:
         fault.end = time.monotonic()
         self.faults.append(fault)
         log.info("fault %s on %s took %.1fs", kind, fault.node, fault.end - fault.start)
+
+    def _move(self) -> Fault:
+        """Grow by a new node, then drain another one out (the cluster keeps its size)."""
+        c = self.cluster
+        self._joined += 1
+        new = f"n{self._joined}"
+        fault = Fault("move", new, time.monotonic())
+        c.add_node(new, host=f"127.0.0.{10 + self._joined}")
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: _settled(c, lambda ids: new in ids), MOVE_SETTLE_S, "moves")
+        victim = self.rng.choice(sorted(n for n in c.nodes if n != new))
+        fault.node = f"+{new} -{victim}"
+
+        async def remove() -> None:
+            async with c.client([c.endpoint(new)], timeout=30) as client:
+                await client.member_remove(victim)
+
+        try:
+            asyncio.run(remove())
+            wait_for(lambda: _settled(c, lambda ids: victim not in ids), MOVE_SETTLE_S, "drain")
+        except (RaftKVError, TimeoutError) as e:
+            log.warning("move: removing %s did not finish: %s", victim, e)
+            return fault
+        proc = c.nodes[victim].process
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if proc is not None:
+                proc.wait(30)  # a removed node stops by itself
+        c.forget_node(victim)
+        return fault
 
     def run(self, count: int, deadline: float, stop: threading.Event) -> None:
         kinds = self.kinds()
@@ -317,6 +358,13 @@ class Nemesis:
             with contextlib.suppress(TimeoutError):
                 self.cluster.wait_leaders(15)
             time.sleep(self.rng.uniform(0.3, 1.0))
+
+
+def _settled(cluster: LocalCluster, members: Callable[[list[str]], bool]) -> bool:
+    """No replica move in progress, and the members are as ``members`` wants."""
+    node = next(n for n in cluster.nodes.values() if n.running and not n.paused).id
+    status = cluster.status(node)
+    return not status.moves and members([n.id for n in status.nodes])
 
 
 def converged(cluster: LocalCluster) -> tuple[bool, str]:

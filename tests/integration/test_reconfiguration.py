@@ -245,6 +245,8 @@ def test_a_secure_cluster_grows_and_shrinks_with_tls_tokens_and_the_secret(tmp_p
         out = admin(c, "member", "remove", "n4")
         assert out.returncode == 0, out.stderr
         wait_for(lambda: "n4" not in [n.id for n in c.status("n1").nodes], 120, "n4 to be removed")
+        proc = c.nodes["n4"].process
+        assert proc is not None and proc.wait(30) == 0, "the removed n4 learns it and stops"
         assert read_all(c, "n2", list(w.acked)) == w.acked
 
 
@@ -298,7 +300,12 @@ def test_a_node_back_with_an_empty_data_dir_is_refused_until_removed_and_rejoine
             120,
             "n3 to join again",
         )
-        assert {n.id: n.raft_link for n in s.nodes}["n3"] == "up"
+        assert "n3" in [n.id for n in s.nodes]
+        wait_for(
+            lambda: {n.id: n.raft_link for n in c.status("n1").nodes}["n3"] == "up",
+            30,
+            "n1 to accept n3's Raft link again",
+        )
         ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
         assert ok, detail
         assert read_all(c, "n3", list(w.acked)) == w.acked

@@ -43,3 +43,14 @@ def test_a_marker_made_with_the_secret_is_vouched_for_and_a_made_up_one_is_not()
 def test_without_a_secret_or_client_certificates_nothing_can_be_checked() -> None:
     plain = guard(None)
     assert plain._read_metadata(Context(("raftkv-forwarded", "n2"))) == ("", True, True)
+
+
+def test_a_node_out_of_the_view_is_vouched_for_only_to_learn_the_view() -> None:
+    """A removed node asks for the view to learn that it was removed; nothing else."""
+    n9 = guard("the-cluster-secret", "n9")  # not in n1's view (nodes n1..n3)
+    marker = n9._own_forward[0][1]
+    n1 = guard("the-cluster-secret")
+    ctx = Context(("raftkv-forwarded", marker))
+    assert n1._read_metadata(ctx, "/raftkv.v1.Admin/GetView")[2] is True
+    assert n1._read_metadata(ctx, "/raftkv.v1.Admin/ChangeReplicas")[2] is False
+    assert n1._read_metadata(ctx, "/raftkv.v1.KV/Put")[2] is False
