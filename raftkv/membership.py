@@ -40,7 +40,7 @@ from raftkv._pb.raftkv.v1 import command_pb2 as cmd_pb
 from raftkv.config import ConfigError
 from raftkv.errors import InvalidArgument, RaftKVError, Unavailable
 from raftkv.throttle import Throttle
-from raftkv.view import META_SHARD, VIEW_KEY, ClusterView, Group, group_name
+from raftkv.view import DEAD, META_SHARD, VIEW_KEY, ClusterView, Group, group_name
 
 if TYPE_CHECKING:
     from raftkv.node import Node, Peer
@@ -139,7 +139,7 @@ class Mover:
                 try:
                     members = await self.step(view, shard_id, group)
                 except RaftKVError as e:
-                    self.stuck[shard_id] = str(e)
+                    self.stuck[shard_id] = _why_stuck(view, group, e)
                     if self._throttle.allow(f"step:{shard_id}:{type(e).__name__}"):
                         log.warning("moving %s: %s", group_name(shard_id), e)
                     return
@@ -184,6 +184,21 @@ class Mover:
     async def change(self, shard_id: int, *, remove: bool, node_id: str, epoch: int) -> list[str]:
         """Run one membership change at the group's leader, wherever it is."""
         return await change_replicas(self.node, shard_id, remove, node_id, epoch, forwarded=False)
+
+
+def _why_stuck(view: ClusterView, group: Group, error: RaftKVError) -> str:
+    """What to tell an operator about a step that failed."""
+    dead = [n for n in group.replicas if (node := view.node(n)) is not None and node.state == DEAD]
+    if (
+        isinstance(error, Unavailable)
+        and len(dead) >= len(group.replicas) - len(group.replicas) // 2
+    ):
+        return (
+            f"no leader: it has lost its quorum ({len(dead)} of its {len(group.replicas)} "
+            f"voters {','.join(group.replicas)} are dead: {','.join(dead)}); raftkv will not "
+            "guess at its data: bring a dead voter back with its data dir, or restore a backup"
+        )
+    return str(error)
 
 
 def _record(view: ClusterView, shard_id: int, was: Group, members: list[str]) -> ClusterView:

@@ -72,6 +72,7 @@ class _Peer:
     logged_problem: str = ""
     unresolvable: bool = False
     terms: dict[int, int] = field(default_factory=dict)
+    verified: bool = False  # its incarnation was accepted on the current link
 
 
 def _host_port(address: str | None, node_id: str) -> tuple[str, int] | None:
@@ -279,7 +280,7 @@ class MuxTransport:
 
     def is_connected(self, peer_id: str) -> bool:
         peer = self._peers.get(peer_id)
-        return peer is not None and peer.link is not None
+        return peer is not None and peer.link is not None and peer.verified
 
     def connected_peers(self) -> list[str]:
         return sorted(p.node_id for p in self._peers.values() if p.link is not None)
@@ -299,7 +300,7 @@ class MuxTransport:
 
     def send(self, peer_id: str, shard_id: int, message: Any) -> bool:
         peer = self._peers.get(peer_id)
-        if peer is None or peer.link is None:
+        if peer is None or peer.link is None or not peer.verified:
             return False
         try:
             frame = wire.encode(shard_id, message)
@@ -497,11 +498,34 @@ class MuxTransport:
         peer.problem = peer.logged_problem = ""
         peer.last_ping = time.monotonic()
         log.info("raft link to %s up (%s)", peer.node_id, link.remote)
+        # The shards hear of this peer, and may send it Raft messages, only once its
+        # incarnation has been checked (its first frame; see _verified).
+        peer.verified = False
         if self._incarnation:
             link.send_frame(wire.encode_incarnation(self._incarnation))
         link.send_frame(wire.encode_peer_state(self._shard_terms()))
+
+    def _verified(self, link: Link, kind: str, body: Any) -> bool:
+        """Check a new link's first frame: the peer's incarnation. False: refused, closed."""
+        peer = self._peers.get(link.peer_id)
+        if peer is None or peer.link is not link:
+            return False
+        if peer.verified:
+            return True
+        if kind == "incarnation":
+            refusal = self._check_incarnation(link.peer_id, body)
+            if refusal:
+                peer.problem = refusal
+                peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
+                if self._throttle.allow(f"incarnation:{link.peer_id}"):
+                    log.error("refusing the Raft link from %s: %s", link.peer_id, refusal)
+                link.close(refusal)
+                return False
+        # (A peer that sends no incarnation predates it: nothing to check.)
+        peer.verified = True
         for shard in list(self._shards.values()):
             shard.peer_connected(peer.node_id)
+        return True
 
     def frame_received(self, link: Link, payload: bytes) -> None:
         try:
@@ -519,20 +543,12 @@ class MuxTransport:
             log.error("dropping the Raft link to %s: %s", link.peer_id, e)
             return
         try:
+            if not self._verified(link, kind, body):
+                return
             if kind == "raft":
                 shard = self._shards.get(shard_id)
                 if shard is not None:
                     shard.deliver(link.peer_id, body)
-            elif kind == "incarnation":
-                refusal = self._check_incarnation(link.peer_id, body)
-                if refusal:
-                    peer = self._peers.get(link.peer_id)
-                    if peer is not None:
-                        peer.problem = refusal
-                        peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
-                    if self._throttle.allow(f"incarnation:{link.peer_id}"):
-                        log.error("refusing the Raft link from %s: %s", link.peer_id, refusal)
-                    link.close(refusal)
             elif kind == "peer_state":
                 peer = self._peers.get(link.peer_id)
                 if peer is None:

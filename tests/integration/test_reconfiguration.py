@@ -309,3 +309,33 @@ def test_a_node_back_with_an_empty_data_dir_is_refused_until_removed_and_rejoine
         ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
         assert ok, detail
         assert read_all(c, "n3", list(w.acked)) == w.acked
+
+
+def test_a_shard_that_lost_its_quorum_is_reported_never_guessed_at(tmp_path: Path) -> None:
+    with LocalCluster.create(tmp_path, nodes=4, shards=8, replicas=3) as c:
+        c.start()
+        before = c.status("n1")
+        lost = [sh.shard_id for sh in before.shards if {"n3", "n4"} <= set(sh.replicas)]
+        assert lost, "the placement put no shard on both n3 and n4"
+        c.kill("n3")
+        c.kill("n4")
+        for dead in ("n3", "n4"):
+            out = admin(c, "member", "remove", dead, "--dead")
+            assert out.returncode == 0, out.stderr
+
+        def reported() -> object:
+            s = c.status("n1")
+            stuck = [m for m in s.stuck_moves if "lost its quorum" in m]
+            return s if {f"shard {x}" for x in lost} <= {m.split(":")[0] for m in stuck} else None
+
+        s = wait_for(reported, 90, "the shards without a quorum to be reported")
+        for shard in lost:
+            # its voters are untouched: nothing was removed from or added to it
+            assert set(s.shards[shard].replicas) >= {"n3", "n4"}, s.shards[shard]
+        out = subprocess.run(
+            [sys.executable, "-m", "raftkv", "client", "-e", c.endpoint("n1"), "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "stuck:" in out.stdout and "lost its quorum" in out.stdout, out.stdout
