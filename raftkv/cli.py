@@ -323,6 +323,8 @@ def serve(
             config = None  # the view (saved, or from the cluster we join) has the node table
         else:
             config = ClusterConfig.single_node()
+        if join is not None and not join.strip(" ,"):
+            raise ConfigError("--join needs the gRPC endpoints of running nodes (HOST:PORT,...)")
         if join and saved is None and (grpc_addr is None or raft_addr is None):
             raise ConfigError("--join needs this node's --grpc and --raft addresses")
         secret = read_secret_file(secret_file) if secret_file is not None else None

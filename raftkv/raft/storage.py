@@ -93,10 +93,14 @@ def _check_whole(
             f"{what}: {directory / META} is missing: this replica's term and vote are lost, "
             f"so it could vote twice in one term; {lost}"
         )
-    # A journal always holds at least one entry once meta.json exists (pysyncobj adds one at
-    # once, and a compacted journal keeps the two around the snapshot): a journal with no
+    # A journal always holds at least one entry once its replica has run (pysyncobj adds one
+    # at once, and a compacted journal keeps the two around the snapshot): a journal with no
     # entries next to a meta.json has lost whatever followed the snapshot (or everything).
-    if meta.existed and not journal.existed and not meta.recovering:
+    # Unless the replica never took part: term 0 and no vote mean it never voted or accepted
+    # a leader's entry (both record a term first); it died between creating meta.json and
+    # its first entry.
+    took_part = meta.term > 0 or meta.voted_for is not None or meta.commit_index > 1
+    if meta.existed and not journal.existed and not meta.recovering and took_part:
         raise StorageError(
             f"{what}: {directory / META} records term {meta.term} but {directory / JOURNAL} "
             f"is missing or empty: {lost}"

@@ -193,7 +193,8 @@ class LocalCluster:
     def command(self, node_id: str, args: tuple[str, ...] = ()) -> list[str]:
         n = self.nodes[node_id]
         if node_id in self.joined:
-            others = [m.address.grpc for m in self.nodes.values() if m.id not in self.joined]
+            # Whoever is a member now (the nodes of the cluster file may all have left).
+            others = [m.address.grpc for m in self.nodes.values() if m.id != node_id]
             where = [
                 "--join",
                 ",".join(others),

@@ -206,6 +206,23 @@ def test_a_journal_without_its_meta_file_has_lost_its_vote(tmp_path: Path) -> No
         open_storage(shard, 1)
 
 
+def test_a_replica_that_died_before_its_first_entry_opens_but_one_that_voted_does_not(
+    tmp_path: Path,
+) -> None:
+    """Killed between creating meta.json and its first entry (a replica moving onto a node):
+    term 0 and no vote, so it never took part; one that recorded a term did."""
+    shard = tmp_path / "shard-1"
+    open_storage(shard, 1).journal._destroy()
+    reopened = open_storage(shard, 1)  # no entry, never voted: a new replica again
+    assert len(reopened.journal) == 0
+    reopened.journal.setCurrentTerm(3, "n2")
+    reopened.journal._destroy()
+    with pytest.raises(
+        StorageError, match=r"records term 3 but .*journal\.bin is missing or empty"
+    ):
+        open_storage(shard, 1)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "header"])
 def test_damaged_snapshots_are_named_and_refused(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "snapshot.bin"
