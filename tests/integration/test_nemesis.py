@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
+
 from raftkv.testing import nemesis
 
 LONG = os.environ.get("RAFTKV_LONG") == "1"
@@ -18,6 +20,8 @@ LONG = os.environ.get("RAFTKV_LONG") == "1"
 SECURE = os.environ.get("RAFTKV_NEMESIS_SECURE", "1") == "1"
 
 
+# 40 faults take about 4 minutes here; membership moves make the time vary with load.
+@pytest.mark.timeout(900 if not LONG else 4000)
 def test_faults_under_load_lose_nothing_and_stay_linearizable(tmp_path: Path) -> None:
     logging.basicConfig(level=logging.INFO)
     faults = int(os.environ.get("RAFTKV_FAULTS", "200" if LONG else "40"))
