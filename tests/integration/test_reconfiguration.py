@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from raftkv.errors import RaftKVError
 from raftkv.testing.cluster import LocalCluster, wait_for
@@ -69,6 +70,16 @@ def settled(c: LocalCluster, node: str, min_epoch: int) -> object:
     return s if s.epoch >= min_epoch and not s.moves else None
 
 
+def wait_membership(c: LocalCluster, node_id: str, *, member: bool, what: str) -> Any:
+    """Wait (120 s at most) until no move is left and ``node_id`` is (not) a member."""
+
+    def done() -> Any:
+        s = c.status("n1")
+        return s if not s.moves and (node_id in [n.id for n in s.nodes]) == member else None
+
+    return wait_for(done, 120, what)
+
+
 def admin(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     endpoints = ",".join(c.endpoint(n) for n in c.nodes if c.nodes[n].running)
     env = {**os.environ, **(c.credentials.client_env() if c.credentials else {})}
@@ -112,13 +123,7 @@ def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path
         out = admin(c, "member", "remove", "n4")
         assert out.returncode == 0, out.stderr
         assert "leaving" in out.stdout
-        s = wait_for(
-            lambda: (
-                lambda st: st if not st.moves and "n4" not in [n.id for n in st.nodes] else None
-            )(c.status("n1")),
-            120,
-            "n4 to be drained and removed",
-        )
+        s = wait_membership(c, "n4", member=False, what="n4 to be drained and removed")
         load = Counter(n for sh in s.shards for n in sh.replicas)
         assert load == {"n1": 8, "n2": 8, "n3": 8}
         proc = c.nodes["n4"].process
@@ -139,13 +144,7 @@ def test_a_dead_node_is_replaced_from_the_surviving_quorums(tmp_path: Path) -> N
         assert shards_on_n2
         out = admin(c, "member", "remove", "n2", "--dead")
         assert out.returncode == 0, out.stderr
-        s = wait_for(
-            lambda: (
-                lambda st: st if not st.moves and "n2" not in [n.id for n in st.nodes] else None
-            )(c.status("n1")),
-            120,
-            "n2's replicas to be re-created elsewhere",
-        )
+        s = wait_membership(c, "n2", member=False, what="n2's replicas to be re-created elsewhere")
         for sh in s.shards:
             assert len(sh.replicas) == 3 and "n2" not in sh.replicas
         c.forget_node("n2")
@@ -281,25 +280,13 @@ def test_a_node_back_with_an_empty_data_dir_is_refused_until_removed_and_rejoine
 
         out = admin(c, "member", "remove", "n3", "--dead")
         assert out.returncode == 0, out.stderr
-        wait_for(
-            lambda: (
-                lambda st: st if not st.moves and "n3" not in [n.id for n in st.nodes] else None
-            )(c.status("n1")),
-            120,
-            "n3 removed",
-        )
+        wait_membership(c, "n3", member=False, what="n3 removed")
         proc = c.nodes["n3"].process
         assert proc is not None and proc.wait(30) == 0, "the removed n3 stops by itself"
         c.forget_node("n3")
         shutil.rmtree(tmp_path / "data" / "n3")
         c.add_node("n3")  # the same id, a new data dir: a new member
-        s = wait_for(
-            lambda: (lambda st: st if not st.moves and "n3" in [n.id for n in st.nodes] else None)(
-                c.status("n1")
-            ),
-            120,
-            "n3 to join again",
-        )
+        s = wait_membership(c, "n3", member=True, what="n3 to join again")
         assert "n3" in [n.id for n in s.nodes]
         wait_for(
             lambda: {n.id: n.raft_link for n in c.status("n1").nodes}["n3"] == "up",
