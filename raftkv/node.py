@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -178,15 +177,17 @@ class Node:
         self.peers: dict[str, Peer] = {}
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
-        initialized = self._check_data_dir()
+        # {} on a new data dir: a node.json means "this node has been a member", so a shard
+        # directory missing later is state that was lost (see _open_storages).
+        node_json = self._check_data_dir()
         # Made once per data dir: peers remember it, so this node id coming back with an
         # empty data dir (and no memory of its votes) is refused instead of voting blind.
-        self.incarnation = str(self._node_json().get("incarnation") or secrets.token_hex(8))
+        self.incarnation = str(node_json.get("incarnation") or secrets.token_hex(8))
         self._known_incarnations = self._load_incarnations()
-        storages = self._open_storages(initialized)
-        if not initialized or self._write_node_json_after_open:
-            # Only now: a node.json means "this node has been a member", so a shard directory
-            # missing later is state that was lost (see _open_storages).
+        storages = self._open_storages(bool(node_json), meta_known=bool(node_json.get("meta")))
+        if not node_json.get("meta") or not node_json.get("incarnation"):
+            # Written only now, once the replicas opened (and for data dirs from before the
+            # meta group and incarnations, to record them).
             self._write_node_json()
         self._save_view(self.view)
         self.driver = RaftDriver(
@@ -447,7 +448,7 @@ class Node:
             tls_client=tls_client,
         )
 
-    def _open_storages(self, initialized: bool) -> dict[int, ReplicaStorage]:
+    def _open_storages(self, initialized: bool, *, meta_known: bool) -> dict[int, ReplicaStorage]:
         """Open and check every replica's files; rebuild or refuse the broken ones.
 
         A shard directory that is missing on a node that has run before was removed (by an
@@ -458,7 +459,6 @@ class Node:
         storages: dict[int, ReplicaStorage] = {}
         problems: list[str] = []
         durable = self.settings.raft.fsync
-        meta_known = self._node_json().get("meta", False)
         for s in self.view.hosted_by(self.id):
             directory = self.group_dir(s)
             group = self.view.group(s)
@@ -516,8 +516,8 @@ class Node:
             raise StorageError(f"refusing to start node {self.id}: " + "; ".join(problems) + hint)
         return storages
 
-    def _check_data_dir(self) -> bool:
-        """Check the data dir is ours and writable; True if this node has run here before."""
+    def _check_data_dir(self) -> dict[str, object]:
+        """Check the data dir is ours and writable; its node.json ({} if it is new)."""
         d = self.settings.data_dir
         probe = d / ".write-test"
         try:
@@ -555,19 +555,8 @@ class Node:
                     "cannot serve it. Move it aside and start the node with an empty data dir "
                     "so it rebuilds from its peers"
                 )
-            if not have.get("meta") or not have.get("incarnation"):
-                self._write_node_json_after_open = True
-            return True
-        return False
-
-    _write_node_json_after_open = False
-
-    def _node_json(self) -> dict[str, object]:
-        try:
-            have = json.loads((self.settings.data_dir / "node.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return have if isinstance(have, dict) else {}
+            return have
+        return {}
 
     def _write_node_json(self) -> None:
         meta_path = self.settings.data_dir / "node.json"
@@ -580,11 +569,7 @@ class Node:
             "meta": True,
             "incarnation": self.incarnation,
         }
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(want, indent=2) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.replace(meta_path)
+        write_file(meta_path, (json.dumps(want, indent=2) + "\n").encode(), overwrite=True)
 
     def start(self) -> None:
         self.driver.start()

@@ -70,6 +70,12 @@ def settled(c: LocalCluster, node: str, min_epoch: int) -> object:
     return s if s.epoch >= min_epoch and not s.moves else None
 
 
+def wait_converged(c: LocalCluster) -> None:
+    """Every replica of every shard: the same applied index and data digest (60 s at most)."""
+    ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
+    assert ok, detail
+
+
 def wait_membership(c: LocalCluster, node_id: str, *, member: bool, what: str) -> Any:
     """Wait (120 s at most) until no move is left and ``node_id`` is (not) a member."""
 
@@ -107,8 +113,7 @@ def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path
         assert all(len(sh.replicas) == 3 for sh in s.shards)  # type: ignore[attr-defined]
         load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
         assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
-        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
-        assert ok, detail
+        wait_converged(c)
         keys = list(w.acked)
         for node in ("n1", "n4"):
             assert read_all(c, node, keys) == w.acked, f"a write was lost (read via {node})"
@@ -148,8 +153,7 @@ def test_a_dead_node_is_replaced_from_the_surviving_quorums(tmp_path: Path) -> N
         for sh in s.shards:
             assert len(sh.replicas) == 3 and "n2" not in sh.replicas
         c.forget_node("n2")
-        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
-        assert ok, detail
+        wait_converged(c)
         assert read_all(c, "n3", list(w.acked)) == w.acked
 
 
@@ -170,8 +174,7 @@ def test_a_move_interrupted_by_crashes_resumes_and_loses_nothing(tmp_path: Path)
             s = wait_for(lambda: settled(c, "n1", 2), 180, "the moves to resume and finish")
         load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
         assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
-        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
-        assert ok, detail
+        wait_converged(c)
         assert read_all(c, "n4", list(w.acked)) == w.acked
 
 
@@ -293,8 +296,7 @@ def test_a_node_back_with_an_empty_data_dir_is_refused_until_removed_and_rejoine
             30,
             "n1 to accept n3's Raft link again",
         )
-        ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
-        assert ok, detail
+        wait_converged(c)
         assert read_all(c, "n3", list(w.acked)) == w.acked
 
 
