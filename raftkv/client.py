@@ -29,6 +29,7 @@ from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.batcher import Batcher
 from raftkv.errors import (
+    EPOCH_METADATA,
     LEADER_ENDPOINT_METADATA,
     LEADER_METADATA,
     KeyNotFound,
@@ -143,7 +144,7 @@ class Client:
         status: kv.StatusResponse = await self._call(
             None,
             lambda ep: kv_grpc.ClusterStub(self._channel(ep)).Status(
-                kv.StatusRequest(), timeout=self.attempt_timeout, metadata=self._md
+                kv.StatusRequest(), timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         self._learn(status)
@@ -210,6 +211,12 @@ class Client:
         if header.leader_endpoint:
             self._leaders[header.shard_id] = header.leader_endpoint
 
+    def _meta(self) -> tuple[tuple[str, str], ...]:
+        """Credentials, and the newest view epoch we saw: a node behind it refreshes."""
+        if not self.epoch:
+            return self._md
+        return (*self._md, (EPOCH_METADATA, str(self.epoch)))
+
     def _rid(self) -> kv.RequestId:
         return kv.RequestId(client_id=self.client_id, seq=next(self._seq))
 
@@ -225,7 +232,7 @@ class Client:
         req = kv.PutRequest(key=key, value=value, request_id=self._rid())
         resp: kv.PutResponse = await self._call(
             shard,
-            lambda ep: self._kv(ep).Put(req, timeout=self.attempt_timeout, metadata=self._md),
+            lambda ep: self._kv(ep).Put(req, timeout=self.attempt_timeout, metadata=self._meta()),
         )
         self._remember(resp.header)
         return resp.version
@@ -247,7 +254,9 @@ class Client:
         try:
             resp: kv.GetResponse = await self._call(
                 shard,
-                lambda ep: self._kv(ep).Get(req, timeout=self.attempt_timeout, metadata=self._md),
+                lambda ep: self._kv(ep).Get(
+                    req, timeout=self.attempt_timeout, metadata=self._meta()
+                ),
             )
         except KeyNotFound:
             return None
@@ -260,7 +269,9 @@ class Client:
         req = kv.DeleteRequest(key=key, request_id=self._rid())
         resp: kv.DeleteResponse = await self._call(
             shard,
-            lambda ep: self._kv(ep).Delete(req, timeout=self.attempt_timeout, metadata=self._md),
+            lambda ep: self._kv(ep).Delete(
+                req, timeout=self.attempt_timeout, metadata=self._meta()
+            ),
         )
         self._remember(resp.header)
         return resp.existed
@@ -285,7 +296,7 @@ class Client:
         resp: kv.CompareAndSwapResponse = await self._call(
             shard,
             lambda ep: self._kv(ep).CompareAndSwap(
-                req, timeout=self.attempt_timeout, metadata=self._md
+                req, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         self._remember(resp.header)
@@ -304,7 +315,7 @@ class Client:
         reply: admin.ClusterView = await self._call(
             None,
             lambda ep: self._admin(ep).GetView(
-                admin.GetViewRequest(), timeout=self.attempt_timeout, metadata=self._md
+                admin.GetViewRequest(), timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         return reply
@@ -317,7 +328,7 @@ class Client:
         reply: admin.MemberChangeResponse = await self._call(
             None,
             lambda ep: self._admin(ep).MemberAdd(
-                request, timeout=self.attempt_timeout, metadata=self._md
+                request, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         return reply
@@ -330,7 +341,7 @@ class Client:
         reply: admin.MemberChangeResponse = await self._call(
             None,
             lambda ep: self._admin(ep).MemberRemove(
-                request, timeout=self.attempt_timeout, metadata=self._md
+                request, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         return reply
@@ -341,7 +352,7 @@ class Client:
         reply: admin.RebalanceResponse = await self._call(
             None,
             lambda ep: self._admin(ep).Rebalance(
-                request, timeout=self.attempt_timeout, metadata=self._md
+                request, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         return reply
@@ -438,7 +449,7 @@ class Client:
                 request_id=rid,
             )
             return self._kv(ep).PutMany(  # type: ignore[no-any-return]
-                req, timeout=self.attempt_timeout, metadata=self._md
+                req, timeout=self.attempt_timeout, metadata=self._meta()
             )
 
         def accept(i: int, r: kv.PutResult) -> None:
@@ -457,7 +468,7 @@ class Client:
         def send(ep: str, positions: list[int]) -> Awaitable[kv.GetManyResponse]:
             req = kv.GetManyRequest(keys=[keys[i] for i in positions], consistency=consistency)
             return self._kv(ep).GetMany(  # type: ignore[no-any-return]
-                req, timeout=self.attempt_timeout, metadata=self._md
+                req, timeout=self.attempt_timeout, metadata=self._meta()
             )
 
         def accept(i: int, r: kv.GetResult) -> None:

@@ -174,8 +174,13 @@ def error_from_status(
         shard_id=int(shard) if shard.isdigit() else None,
         leader=md.get(LEADER_METADATA, ""),
         leader_endpoint=md.get(LEADER_ENDPOINT_METADATA, ""),
-        epoch=int(epoch) if epoch.isdigit() and len(epoch) < 20 else 0,
+        epoch=parse_epoch(epoch),
     )
+
+
+def parse_epoch(text: str) -> int:
+    """A view epoch from metadata; anything that is not a plausible epoch counts as none."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0
 
 
 def rpc_error(e: grpc.aio.AioRpcError) -> RaftKVError:

@@ -23,6 +23,7 @@ a non-loopback address needs client authentication (tokens or client certificate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -71,6 +72,8 @@ VIEW_FILE = "view.pb"
 PEERS_FILE = "peers.json"
 # How often a node checks the meta group for a newer cluster view.
 VIEW_REFRESH_S = 0.5
+# After a fetch prompted by a newer epoch found nothing newer, the next waits this long.
+ENSURE_EPOCH_HOLD_S = 0.5
 # After a peer refuses a connection, do not try it again for this long.
 PEER_BACKOFF_S = 0.3
 
@@ -364,9 +367,22 @@ class Node:
         return replica
 
     async def ensure_epoch(self, epoch: int, timeout: float = 2.0) -> None:
-        """Fetch the view if someone has seen a newer one than ours."""
+        """Fetch the view if someone has seen a newer one than ours.
+
+        Concurrent callers share one fetch, and a fetch that found nothing newer is not
+        repeated for ENSURE_EPOCH_HOLD_S: a caller claiming an epoch that does not exist yet
+        must not turn every request into a round of GetView calls."""
+        if epoch <= self.view.epoch or time.monotonic() < self._epoch_hold_until:
+            return
+        if self._epoch_fetch is None or self._epoch_fetch.done():
+            self._epoch_fetch = asyncio.ensure_future(self.refresh_view(timeout))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._epoch_fetch), timeout)
         if epoch > self.view.epoch:
-            await self.refresh_view(timeout)
+            self._epoch_hold_until = time.monotonic() + ENSURE_EPOCH_HOLD_S
+
+    _epoch_fetch: asyncio.Future[None] | None = None
+    _epoch_hold_until = 0.0
 
     async def refresh_view(self, timeout: float = 1.0) -> None:
         """Adopt the newest view the meta group holds: locally if we host it, else asked."""

@@ -59,6 +59,7 @@ from raftkv.errors import (
     RaftKVError,
     Unauthenticated,
     Unavailable,
+    parse_epoch,
     status_for,
 )
 from raftkv.membership import Mover, ViewStore, change_replicas
@@ -172,18 +173,21 @@ class Guard:
             self._cert_nodes[pem] = _node_id_from_pem(pem)
         return self._cert_nodes[pem] == node_id
 
-    def _read_metadata(self, context: Context, method: str = "") -> tuple[str, bool, bool]:
-        """(bearer token, forwarded, vouched for by a node)."""
+    def _read_metadata(self, context: Context, method: str = "") -> tuple[str, bool, bool, int]:
+        """(bearer token, forwarded, vouched for by a node, the caller's view epoch)."""
         token = ""
         marker = ""
+        epoch = 0
         for key, value in context.invocation_metadata() or ():
             if key == AUTHORIZATION:
                 token = str(value)
             elif key == FORWARDED_METADATA:
                 marker = str(value)
+            elif key == EPOCH_METADATA:
+                epoch = parse_epoch(str(value))
         if not marker:
-            return token, False, False
-        return token, True, self._vouched(marker, context, method)
+            return token, False, False, epoch
+        return token, True, self._vouched(marker, context, method), epoch
 
     @property
     def node_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -191,7 +195,11 @@ class Guard:
         return self._own_forward
 
     def _caller(self, token: str, forwarded: bool, method: str, vouched: bool = False) -> Caller:
-        forward = self._own_forward + (((AUTHORIZATION, token),) if token else ())
+        forward = (
+            self._own_forward
+            + ((EPOCH_METADATA, str(self.node.view.epoch)),)
+            + (((AUTHORIZATION, token),) if token else ())
+        )
         if self.authenticator is None:
             return Caller(None, forward, forwarded)
         if not token and vouched and self._vouching_possible and method in NODE_METHODS:
@@ -213,7 +221,7 @@ class Guard:
                     f"malformed request: {request.size} bytes that do not parse as "
                     f"{request.message_type}",
                 )
-            token, forwarded, vouched = self._read_metadata(context, method)
+            token, forwarded, vouched, epoch = self._read_metadata(context, method)
             admission = self.forwarded if vouched else self.clients
             if not admission.try_enter():
                 context.set_trailing_metadata(
@@ -222,13 +230,16 @@ class Guard:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admission.refusal()))
             try:
                 caller = self._caller(token, forwarded, method, vouched)
+                if epoch > self.node.view.epoch:
+                    # The caller has seen a newer view: route with it, not with ours.
+                    await self.node.ensure_epoch(epoch, timeout=1.0)
                 return await fn(request, context, caller)
             except RaftKVError as e:
                 if isinstance(e, Unavailable):
                     if e.leader and not e.leader_endpoint:
                         e.leader_endpoint = self.node.endpoints.get(e.leader, "")
-                    epoch = ((EPOCH_METADATA, str(self.node.view.epoch)),)
-                    context.set_trailing_metadata(leader_trailers(e) + epoch)
+                    ours = ((EPOCH_METADATA, str(self.node.view.epoch)),)
+                    context.set_trailing_metadata(leader_trailers(e) + ours)
                 elif isinstance(e, Overloaded):
                     context.set_trailing_metadata(
                         ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)

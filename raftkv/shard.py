@@ -1071,6 +1071,8 @@ class ShardReplica:
         if not self.is_leader:
             raise self.not_leader()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # A reader that timed out no longer awaits it: its failure is nobody's to log.
+        future.add_done_callback(_consume_outcome)
         self._barrier_waiters.append(future)
         if self._barrier_task is None or self._barrier_task.done():
             self._barrier_task = asyncio.create_task(self._run_barriers(timeout))
@@ -1137,6 +1139,11 @@ class ShardReplica:
 
     def read_local(self, key: bytes) -> Entry | None:
         return self.machine.get(key)
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(

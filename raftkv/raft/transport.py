@@ -133,7 +133,15 @@ class ShardTransport(Transport):  # type: ignore[misc]
     def deliver(self, peer_id: str, message: dict[str, Any]) -> None:
         node = self.peers.get(peer_id)
         if node is None:
-            return
+            if message.get("type") != "append_entries":
+                return
+            # Raft (dissertation §4.1) has a follower accept entries from a leader its own
+            # configuration does not name yet: its log lags behind the change that added that
+            # leader (it installed an older snapshot, or restarted on an old log), and those
+            # entries are how it learns. Dropping them left a new replica deaf to its leader,
+            # campaigning forever. Votes from non-members stay ignored, so a removed replica
+            # cannot disrupt the group.
+            node = Node(peer_id)
         try:
             if self.accept is not None and not self.accept(peer_id, message):
                 return

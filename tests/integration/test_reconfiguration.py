@@ -79,8 +79,10 @@ def wait_converged(c: LocalCluster) -> None:
 def wait_membership(c: LocalCluster, node_id: str, *, member: bool, what: str) -> Any:
     """Wait (120 s at most) until no move is left and ``node_id`` is (not) a member."""
 
+    ask = next(n for n in sorted(c.nodes) if n != node_id and c.nodes[n].running)
+
     def done() -> Any:
-        s = c.status("n1")
+        s = c.status(ask)
         return s if not s.moves and (node_id in [n.id for n in s.nodes]) == member else None
 
     return wait_for(done, 120, what)
@@ -328,3 +330,51 @@ def test_a_shard_that_lost_its_quorum_is_reported_never_guessed_at(tmp_path: Pat
             timeout=60,
         )
         assert "stuck:" in out.stdout and "lost its quorum" in out.stdout, out.stdout
+
+
+def test_a_replica_seeded_from_a_snapshot_older_than_its_leader_hears_that_leader(
+    tmp_path: Path,
+) -> None:
+    """A snapshot's configuration may predate the leader that sends it: n4 joined after the
+    snapshot was taken, then became leader, and seeds n5 with that snapshot. n5 must accept
+    n4's entries (Raft §4.1) rather than ignore a node its configuration does not name yet."""
+    args = ("--log-compaction-entries", "100")
+    with LocalCluster.create(tmp_path, nodes=3, shards=1, replicas=3, extra_args=args) as c:
+        c.start()
+        writes = {f"old-{i}".encode(): f"v{i}".encode() for i in range(150)}
+
+        async def put(items: dict[bytes, bytes]) -> None:
+            async with c.client(timeout=30) as cl:
+                for key, value in items.items():
+                    await cl.put(key, value)
+
+        asyncio.run(put(writes))  # every replica compacts: its snapshot names n1, n2, n3
+        c.add_node("n4")
+        assert admin(c, "member", "remove", "n1").returncode == 0
+        wait_membership(c, "n1", member=False, what="n1's replica to move onto n4")
+        c.forget_node("n1")
+        # Make n4 the leader: kill whichever other replica leads until n4 wins (bounded).
+        for _ in range(12):
+            leader = wait_for(lambda: c.leaders("n4").get(0), 30, "a leader")
+            if leader == "n4":
+                break
+            c.kill(leader)
+            wait_for(
+                lambda old=leader: c.leaders("n4").get(0) not in (None, old), 30, "a new leader"
+            )
+            c.start_node(leader)
+        assert c.leaders("n4").get(0) == "n4", "n4 never won an election"
+        term = c.status("n4").shards[0].term
+        c.add_node("n5")  # four nodes, one group of three: nothing moves yet
+        wait_for(lambda: settled(c, "n4", 4), 60, "n5 to join")
+        out = admin(c, "member", "remove", "n2")
+        assert out.returncode == 0, out.stderr
+        s = wait_membership(c, "n2", member=False, what="n2's replica to move onto n5")
+        assert sorted(s.shards[0].replicas) == ["n3", "n4", "n5"]
+        # n5 heard n4 all along: it never timed out and forced an election
+        assert (s.shards[0].leader, s.shards[0].term) == ("n4", term)
+        c.forget_node("n2")
+        wait_converged(c)
+        more = {f"new-{i}".encode(): b"x" for i in range(20)}
+        asyncio.run(put(more))
+        assert read_all(c, "n5", [*writes, *more]) == {**writes, **more}

@@ -32,17 +32,29 @@ def test_a_marker_made_with_the_secret_is_vouched_for_and_a_made_up_one_is_not()
     n2 = guard("the-cluster-secret", "n2")
     real = n2._own_forward[0][1]  # what n2 sends when it forwards
     n1 = guard("the-cluster-secret")
-    assert n1._read_metadata(Context(("raftkv-forwarded", real))) == ("", True, True)
+    assert n1._read_metadata(Context(("raftkv-forwarded", real))) == ("", True, True, 0)
     for fake in ("n2", "n2.00ff", real.replace("n2.", "n3."), "n9." + real.split(".")[1]):
-        assert n1._read_metadata(Context(("raftkv-forwarded", fake))) == ("", True, False)
+        assert n1._read_metadata(Context(("raftkv-forwarded", fake))) == ("", True, False, 0)
     other = guard("another-secret")
     assert other._read_metadata(Context(("raftkv-forwarded", real)))[2] is False
-    assert n1._read_metadata(Context(("authorization", "Bearer t"))) == ("Bearer t", False, False)
+    assert n1._read_metadata(Context(("authorization", "Bearer t"))) == (
+        "Bearer t",
+        False,
+        False,
+        0,
+    )
+
+
+def test_the_callers_view_epoch_is_read_and_nonsense_counts_as_none() -> None:
+    n1 = guard("the-cluster-secret")
+    assert n1._read_metadata(Context(("raftkv-epoch", "42")))[3] == 42
+    for junk in ("-1", "4e9", "9" * 40, "", "0x10", "\uff11\uff12"):
+        assert n1._read_metadata(Context(("raftkv-epoch", junk)))[3] == 0
 
 
 def test_without_a_secret_or_client_certificates_nothing_can_be_checked() -> None:
     plain = guard(None)
-    assert plain._read_metadata(Context(("raftkv-forwarded", "n2"))) == ("", True, True)
+    assert plain._read_metadata(Context(("raftkv-forwarded", "n2"))) == ("", True, True, 0)
 
 
 def test_a_node_out_of_the_view_is_vouched_for_only_to_learn_the_view() -> None:
