@@ -1,5 +1,6 @@
 """Membership at runtime, against real node processes: nodes join and leave, replicas move,
-a dead node is replaced, and no acknowledged write is lost on the way."""
+a dead node is replaced, and no acknowledged write is lost on the way. Nodes killed in the
+middle of a move are in test_move_crashes.py."""
 
 from __future__ import annotations
 
@@ -8,96 +9,20 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from raftkv.errors import RaftKVError
 from raftkv.testing.cluster import LocalCluster, wait_for
-from raftkv.testing.nemesis import converged
 from raftkv.view import META_SHARD
 
-
-class Writer:
-    """Writes keys in the background (bounded in count and time) and records the acked ones."""
-
-    def __init__(self, cluster: LocalCluster, prefix: str, limit: int = 5000) -> None:
-        self.cluster = cluster
-        self.prefix = prefix
-        self.limit = limit
-        self.acked: dict[bytes, bytes] = {}
-        self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        deadline = time.monotonic() + 240
-        async with self.cluster.client(timeout=10) as cl:
-            for i in range(self.limit):
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    return
-                key, value = f"{self.prefix}-{i}".encode(), f"v{i}".encode()
-                try:
-                    await cl.put(key, value)
-                except RaftKVError:
-                    self.failed += 1
-                    continue
-                self.acked[key] = value
-
-    def __enter__(self) -> Writer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def read_all(c: LocalCluster, node: str, keys: list[bytes]) -> dict[bytes, bytes | None]:
-    async def run() -> dict[bytes, bytes | None]:
-        async with c.client([c.endpoint(node)], timeout=30, leader_aware=False) as cl:
-            found = await cl.get_many(keys)
-            return dict(zip(keys, [r.value if r else None for r in found], strict=True))
-
-    return asyncio.run(run())
-
-
-def settled(c: LocalCluster, node: str, min_epoch: int) -> object:
-    """The status once the view is past ``min_epoch`` and no move is in progress."""
-    s = c.status(node)
-    return s if s.epoch >= min_epoch and not s.moves else None
-
-
-def wait_converged(c: LocalCluster) -> None:
-    """Every replica of every shard: the same applied index and data digest (60 s at most)."""
-    ok, detail = wait_for(lambda: (lambda r: r if r[0] else None)(converged(c)), 60, "converge")
-    assert ok, detail
-
-
-def wait_membership(c: LocalCluster, node_id: str, *, member: bool, what: str) -> Any:
-    """Wait (120 s at most) until no move is left and ``node_id`` is (not) a member."""
-
-    ask = next(n for n in sorted(c.nodes) if n != node_id and c.nodes[n].running)
-
-    def done() -> Any:
-        s = c.status(ask)
-        return s if not s.moves and (node_id in [n.id for n in s.nodes]) == member else None
-
-    return wait_for(done, 120, what)
-
-
-def admin(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    endpoints = ",".join(c.endpoint(n) for n in c.nodes if c.nodes[n].running)
-    env = {**os.environ, **(c.credentials.client_env() if c.credentials else {})}
-    return subprocess.run(
-        [sys.executable, "-m", "raftkv", "admin", "-e", endpoints, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+from .moves import (
+    Writer,
+    admin,
+    read_all,
+    replica_load,
+    settled,
+    wait_converged,
+    wait_membership,
+)
 
 
 def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path) -> None:
@@ -112,9 +37,8 @@ def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path
             wait_for(lambda: len(w.acked) > 600, 60, "writes after the join")
         assert w.acked, "nothing was acknowledged"
         # every shard back at three replicas; n4 holds its share: 24 replicas / 4 nodes
-        assert all(len(sh.replicas) == 3 for sh in s.shards)  # type: ignore[attr-defined]
-        load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
-        assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
+        assert all(len(sh.replicas) == 3 for sh in s.shards)
+        assert replica_load(s) == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
         wait_converged(c)
         keys = list(w.acked)
         for node in ("n1", "n4"):
@@ -131,8 +55,7 @@ def test_a_node_joins_under_load_takes_its_share_and_leaves_again(tmp_path: Path
         assert out.returncode == 0, out.stderr
         assert "leaving" in out.stdout
         s = wait_membership(c, "n4", member=False, what="n4 to be drained and removed")
-        load = Counter(n for sh in s.shards for n in sh.replicas)
-        assert load == {"n1": 8, "n2": 8, "n3": 8}
+        assert replica_load(s) == {"n1": 8, "n2": 8, "n3": 8}
         proc = c.nodes["n4"].process
         assert proc is not None
         assert proc.wait(30) == 0, "a removed node stops by itself, cleanly"
@@ -157,27 +80,6 @@ def test_a_dead_node_is_replaced_from_the_surviving_quorums(tmp_path: Path) -> N
         c.forget_node("n2")
         wait_converged(c)
         assert read_all(c, "n3", list(w.acked)) == w.acked
-
-
-def test_a_move_interrupted_by_crashes_resumes_and_loses_nothing(tmp_path: Path) -> None:
-    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=3) as c:
-        c.start()
-        with Writer(c, "crash", limit=3000) as w:
-            wait_for(lambda: len(w.acked) > 100, 30, "writes")
-            c.add_node("n4")
-            # kill the meta leader (it runs the mover) and the new node mid-move
-            wait_for(lambda: c.status("n1").epoch >= 2, 30, "the join")
-            meta_leader = c.status("n1").meta.leader
-            assert meta_leader
-            c.kill(meta_leader)
-            c.kill("n4")
-            c.start_node(meta_leader)
-            c.start_node("n4")
-            s = wait_for(lambda: settled(c, "n1", 2), 180, "the moves to resume and finish")
-        load = Counter(n for sh in s.shards for n in sh.replicas)  # type: ignore[attr-defined]
-        assert load == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
-        wait_converged(c)
-        assert read_all(c, "n4", list(w.acked)) == w.acked
 
 
 def test_bad_membership_requests_get_one_clear_line(tmp_path: Path) -> None:
