@@ -439,6 +439,11 @@ def _peer_tls(cert: Path | None, key: Path | None, ca: Path | None) -> PeerTLS |
 # -- client ---------------------------------------------------------------------------------
 
 
+class DemoStory(StrEnum):
+    failover = "failover"
+    membership = "membership"
+
+
 class Output(StrEnum):
     table = "table"
     json = "json"
@@ -908,7 +913,19 @@ def local_up(
 
 @app.command()
 def demo(
-    keys: Annotated[int, typer.Option(help="How many keys to write before the failure.")] = 200,
+    story: Annotated[
+        DemoStory,
+        typer.Option(
+            help="failover: kill the busiest leader and recover. membership: grow to 5 nodes, "
+            "remove one, replace one killed for good."
+        ),
+    ] = DemoStory.failover,
+    keys: Annotated[
+        int | None,
+        typer.Option(
+            help="How many keys to write (default: 200 for failover, 100000 for membership)."
+        ),
+    ] = None,
     base_port: Annotated[
         int, typer.Option(help="gRPC ports are BASE.., Raft ports BASE+100..")
     ] = 7001,
@@ -916,13 +933,19 @@ def demo(
         Path | None, typer.Option("--dir", help="Keep the cluster's files here (default: temp).")
     ] = None,
 ) -> None:
-    """Tell the failover story with local processes: write, kill the busiest leader, recover.
+    """Tell a story with local processes: failover (the default) or membership.
 
-    Exits non-zero if any acknowledged write is lost or the cluster does not recover in time.
+    failover: write, kill the busiest leader with SIGKILL, read everything back, recover.
+    membership: start 3 nodes, write 100,000 keys, add a 4th and a 5th node (the replica moves
+    are shown as they happen), remove a node, replace one killed for good, read every key.
+    Exits non-zero if any acknowledged write is lost or a step does not finish in time.
     """
-    from raftkv.demo import run
+    from raftkv.demo import run, run_membership
 
-    run(keys, base_port, directory)
+    if story is DemoStory.membership:
+        run_membership(keys if keys is not None else 100_000, base_port, directory)
+    else:
+        run(keys if keys is not None else 200, base_port, directory)
 
 
 # -- certs and auth ---------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def test_every_command_has_help() -> None:
         ("client", "status"),
         ("local", "up"),
         ("demo",),
+        ("admin", "member", "remove"),
     ):
         got = raftkv(*args, "--help")
         assert got.returncode == 0, args
@@ -200,3 +201,27 @@ def test_serve_without_flags_runs_a_single_node_cluster(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_the_membership_demo_grows_shrinks_and_heals_without_losing_a_key(tmp_path: Path) -> None:
+    base = _free_block(3)
+    got = raftkv(
+        "demo",
+        "--story",
+        "membership",
+        "--keys",
+        "3000",
+        "--base-port",
+        str(base),
+        "--dir",
+        str(tmp_path),
+        timeout=400,
+    )
+    out = got.stdout.decode()
+    assert got.returncode == 0, out[-3000:] + got.stderr.decode()[-3000:]
+    for step in ("Adding n4", "Adding n5", "Removing n2", "Killing n3 for good"):
+        assert step in out, step
+    assert "raftkv serve --join" in out
+    assert "every shard at 3 replicas: yes" in out
+    assert "3000/3000 keys intact" in out
+    assert "demo OK" in out
