@@ -13,10 +13,15 @@ Architecture map (see DESIGN.md for the long form)::
                         │  node.py        leader here? run it : forward once (caller's token);
                         │                 opens and checks every replica's files at start-up
                         ▼
-                     shard.py  ShardReplica: the only pysyncobj user; asyncio ⇄ Raft thread
-                        │       RaftDriver: one thread ticks every group of the node
-                        ├─ raft/        the Raft port and the replica's files (see its map):
-                        │               wire (protobuf frames, never pickle), handshake (peer
+                     replica.py  Replica: the one seam the code above sees (propose,
+                        │        read_index, read_local, info, change_member, ...)
+                     shard.py    ShardReplica, the real Replica: asyncio ⇄ Raft thread,
+                        │        read barriers, fsync, disk failures, recovery term fence
+                        ├─ raft/        the Raft engine; it and shard.py alone import
+                        │               pysyncobj (see its map): group (pysyncobj patches),
+                        │               conf_change (membership entries), driver (one
+                        │               thread ticks every group of the node), wire
+                        │               (protobuf frames, never pickle), handshake (peer
                         │               proof / mTLS), link (limits, TLS), transport (mux),
                         │               journal + snapshot + storage (checksummed, checked)
                         └─ statemachine.py pure KV map + dedup; command.py is its log format
@@ -32,7 +37,8 @@ Architecture map (see DESIGN.md for the long form)::
                  shell.py interactive shell: one client session, a table of commands
     testing/:    cluster.py LocalCluster of real processes (plain or secure); nemesis.py
                  faults under load; history.py + linearizability.py check histories;
-                 files.py reads journal layouts for storage fault tests
+                 files.py reads journal layouts for storage fault tests; fake_replica.py
+                 an in-memory Replica for testing server and node logic without Raft
     throttle.py: log lines the outside world can trigger are rate-limited
 
 Public API: :class:`Client` / :class:`SyncClient`, the errors in :mod:`raftkv.errors`, and the

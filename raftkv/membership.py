@@ -44,7 +44,7 @@ from raftkv.view import DEAD, META_SHARD, VIEW_KEY, ClusterView, Group, group_na
 
 if TYPE_CHECKING:
     from raftkv.node import Node, Peer
-    from raftkv.shard import ShardReplica
+    from raftkv.replica import Replica
 
 log = logging.getLogger("raftkv.membership")
 
@@ -63,7 +63,7 @@ class ViewStore:
         self.node = node
         self._lock = asyncio.Lock()
 
-    async def read(self, replica: ShardReplica, timeout: float) -> tuple[ClusterView, int]:
+    async def read(self, replica: Replica, timeout: float) -> tuple[ClusterView, int]:
         """The committed view (linearizable) and its version in the meta group (0: none yet)."""
         await replica.read_index(timeout)
         entry = replica.read_local(VIEW_KEY)
@@ -72,7 +72,7 @@ class ViewStore:
         return ClusterView.decode(entry.value), entry.version
 
     async def update(
-        self, replica: ShardReplica, change: Callable[[ClusterView], ClusterView], timeout: float
+        self, replica: Replica, change: Callable[[ClusterView], ClusterView], timeout: float
     ) -> tuple[ClusterView, ClusterView]:
         """Apply ``change`` to the committed view; return (before, after)."""
         async with self._lock:
@@ -125,7 +125,7 @@ class Mover:
                 if self._throttle.allow("round:bug"):
                     log.exception("replica mover failed")
 
-    async def round(self, meta: ShardReplica) -> None:
+    async def round(self, meta: Replica) -> None:
         view, _ = await self.store.read(meta, STEP_TIMEOUT_S)
         moving = [(s, g) for s, g in view.groups() if g.moving]
         if not moving:
@@ -221,7 +221,7 @@ async def change_replicas(
         shard_id=shard_id, remove=remove, node_id=node_id, epoch=epoch
     )
 
-    async def local(replica: ShardReplica) -> list[str]:
+    async def local(replica: Replica) -> list[str]:
         return await replica.change_member(remove, node_id, max(0.1, deadline - time.monotonic()))
 
     async def remote(peer: Peer, timeout: float) -> list[str]:

@@ -54,17 +54,21 @@ from raftkv.errors import (
     rpc_error,
 )
 from raftkv.network import Dialer, is_loopback, node_dialer, peer_contexts
+from raftkv.raft.driver import RaftDriver
 from raftkv.raft.handshake import Secret
 from raftkv.raft.link import LinkSecurity
 from raftkv.raft.storage import ReplicaStorage, create_recovering, open_storage, set_aside
+from raftkv.replica import Replica
 from raftkv.ring import Ring
-from raftkv.shard import RaftDriver, ShardReplica
+from raftkv.shard import ShardReplica
 from raftkv.statemachine import digest_of
 from raftkv.view import META_SHARD, VIEW_KEY, ClusterView, group_name
 
 log = logging.getLogger("raftkv.node")
 
 T = TypeVar("T")
+# Makes this node's replica of a group from its opened storage (see Node.__init__).
+ReplicaFactory = Callable[[int, ReplicaStorage], Replica]
 FORWARDED_METADATA = "raftkv-forwarded"
 DATA_FORMAT = 2  # node.json "format": 2 = checksummed journals and snapshots
 VIEW_FILE = "view.pb"
@@ -134,12 +138,17 @@ class Node:
         view: ClusterView | None = None,
         *,
         bootstrapped: bool = True,
+        replica_factory: ReplicaFactory | None = None,
     ) -> None:
         """Start from the newest of: the view saved in the data dir, ``view`` (what a joining
         node was given), and the view the cluster file bootstraps (``bootstrapped``: the
         ``cluster`` given is a real cluster file, not one made from a view).
 
         After bootstrap, the cluster file no longer decides membership or placement.
+
+        ``replica_factory`` makes each replica from its opened storage: by default a
+        :class:`~raftkv.shard.ShardReplica` on this node's Raft thread; tests hand it fakes
+        (:mod:`raftkv.testing.fake_replica`).
         """
         self.cluster = cluster
         self.settings = settings
@@ -201,7 +210,8 @@ class Node:
             incarnation=self.incarnation,
             check_incarnation=self._check_incarnation,
         )
-        self.replicas: dict[int, ShardReplica] = {}
+        self._replica: ReplicaFactory = replica_factory or self._shard_replica
+        self.replicas: dict[int, Replica] = {}
         for s, storage in storages.items():
             self.replicas[s] = self._replica(s, storage)
         self.started = False
@@ -218,7 +228,7 @@ class Node:
     def endpoints(self) -> dict[str, str]:
         return self.view.endpoints()
 
-    def _replica(self, shard_id: int, storage: ReplicaStorage) -> ShardReplica:
+    def _shard_replica(self, shard_id: int, storage: ReplicaStorage) -> ShardReplica:
         group = self.view.group(shard_id)
         return ShardReplica(
             shard_id,
@@ -348,7 +358,7 @@ class Node:
         for s in sorted(hosted - set(self.replicas)):
             await self.open_replica(s)
 
-    async def open_replica(self, shard_id: int) -> ShardReplica:
+    async def open_replica(self, shard_id: int) -> Replica:
         """Host a replica of a group this node is joining (empty, or what a crash left)."""
         existing = self.replicas.get(shard_id)
         if existing is not None:
@@ -649,7 +659,7 @@ class Node:
     async def route(
         self,
         shard_id: int,
-        local: Callable[[ShardReplica], Awaitable[T]],
+        local: Callable[[Replica], Awaitable[T]],
         remote: Callable[[Peer, float], Awaitable[T]],
         *,
         forwarded: bool,

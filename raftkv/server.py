@@ -66,7 +66,7 @@ from raftkv.membership import Mover, ViewStore, change_replicas
 from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
 from raftkv.raft.handshake import Secret
-from raftkv.shard import ShardReplica
+from raftkv.replica import Replica
 from raftkv.view import META_SHARD, ClusterView
 
 log = logging.getLogger("raftkv.server")
@@ -428,7 +428,7 @@ class KVService:
             return rid.client_id, rid.seq
         return self._client_id, next(self._seq)
 
-    def _header(self, replica: ShardReplica, index: int) -> kv.ResponseHeader:
+    def _header(self, replica: Replica, index: int) -> kv.ResponseHeader:
         info = replica.info
         return kv.ResponseHeader(
             shard_id=replica.shard_id,
@@ -450,7 +450,7 @@ class KVService:
     ) -> Resp:
         deadline = self._deadline(context)
 
-        async def local(replica: ShardReplica) -> Resp:
+        async def local(replica: Replica) -> Resp:
             result, index = await replica.propose(data, self._timeout(deadline))
             if result.code == cpb.CommandResult.REQUEST_ID_REUSED:
                 raise InvalidArgument(
@@ -547,7 +547,7 @@ class KVService:
         md = caller.forward_metadata
         deadline = self._deadline(context)
 
-        def found(replica: ShardReplica, index: int) -> kv.GetResponse:
+        def found(replica: Replica, index: int) -> kv.GetResponse:
             entry = replica.read_local(key)
             if entry is None:
                 raise KeyNotFound(f"key not found (shard {shard})")
@@ -559,7 +559,7 @@ class KVService:
         if stale and replica is not None:
             return found(replica, replica.info.last_applied)
 
-        async def local(replica: ShardReplica) -> kv.GetResponse:
+        async def local(replica: Replica) -> kv.GetResponse:
             index = await replica.read_index(self._timeout(deadline))
             return found(replica, index)
 
@@ -631,7 +631,7 @@ class KVService:
         deadline = self._deadline(context)
         budget = _ReplyBudget(self.limits.max_reply_bytes)
 
-        def read(replica: ShardReplica, index: int, part: list[bytes]) -> kv.GetManyResponse:
+        def read(replica: Replica, index: int, part: list[bytes]) -> kv.GetManyResponse:
             out = []
             for key in part:
                 entry = replica.read_local(key)
@@ -656,7 +656,7 @@ class KVService:
             if stale and replica is not None:
                 return read(replica, replica.info.last_applied, part)
 
-            async def local(replica: ShardReplica) -> kv.GetManyResponse:
+            async def local(replica: Replica) -> kv.GetManyResponse:
                 index = await replica.read_index(self._timeout(deadline))
                 return read(replica, index, part)
 
@@ -747,7 +747,7 @@ class AdminService:
     ) -> tuple[ClusterView, ClusterView]:
         deadline = _deadline(context, self.node.settings.proposal_timeout_s)
 
-        async def local(replica: ShardReplica) -> tuple[ClusterView, ClusterView]:
+        async def local(replica: Replica) -> tuple[ClusterView, ClusterView]:
             return await self.store.update(replica, change, max(0.1, deadline - time.monotonic()))
 
         async def remote(peer: Peer, timeout: float) -> tuple[ClusterView, ClusterView]:

@@ -1,19 +1,11 @@
-"""Shard replicas: the only place that touches pysyncobj, and the bridge to asyncio.
+"""Shard replicas: the asyncio side of a pysyncobj group, and the real :class:`Replica`.
 
-Two pieces live here:
-
-* :class:`RaftDriver`, one thread per node. It owns the shared poller, the mux transport
-  and every shard group, and ticks them all (``doTick`` with ``autoTick`` off). One thread
-  instead of pysyncobj's thread-per-group keeps a node at two ports and a handful of threads,
-  and lets the transport run without locks.
-* :class:`ShardReplica`, one per shard hosted on the node. ``propose`` hands our own encoded
-  command bytes to pysyncobj and awaits the result: the callback fires on the Raft thread and
-  resolves an asyncio future through ``loop.call_soon_threadsafe``. Every proposal has a
-  deadline and its waiter is cleaned up on every path.
-
-Storage is ours (:mod:`raftkv.raft.journal`, :mod:`raftkv.raft.snapshot`): checksummed,
-checked at start-up, never mmapped and never pickled. pysyncobj only sees it through its
-``Journal`` interface and the overrides in :class:`_Group`.
+:class:`ShardReplica` is this node's replica of one shard (or of the meta group). It builds
+the group (:mod:`raftkv.raft.group`) on the replica's storage and hands it to the node's Raft
+thread (:mod:`raftkv.raft.driver`). ``propose`` hands our own encoded command bytes to
+pysyncobj and awaits the result: the callback fires on the Raft thread and resolves an asyncio
+future through ``loop.call_soon_threadsafe``. Every proposal has a deadline and its waiter is
+cleaned up on every path.
 
 Linearizable reads use a *barrier*: a no-op command committed in the leader's current term
 proves that nobody else was leader when it committed, so the local map reflects every write
@@ -22,8 +14,11 @@ the next one, which serves all of them at once (ReadIndex-style batching). We ne
 leader's local state and call it linearizable: pysyncobj's ``_isLeader`` stays true for a
 while on a partitioned leader.
 
-Group commit: after a tick queues new entries, the driver ticks again immediately and forces
-an AppendEntries, so every proposal that arrived during one tick shares one message per peer.
+Group commit: the entries one tick appended leave in one AppendEntries, at once if
+everything sent before has committed, else with the next ones once the acknowledgements
+arrive (or ``MAX_APPEND_WAIT_S`` has passed); see :meth:`ShardReplica.tick`. With fsync on, a
+tick's appends share one fsync, and a follower acknowledges entries only once they are on
+disk.
 
 When the disk fails a replica: a failed *append* (full disk) makes it refuse writes for a
 moment and hand its leadership away, and it recovers by itself once appends succeed again; a
@@ -38,25 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
-import queue
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import pysyncobj.syncobj as pysyncobj_core
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
-from pysyncobj.monotonic import monotonic as pysyncobj_clock
+from pysyncobj import FAIL_REASON, SyncObjConf
 from pysyncobj.node import Node
-from pysyncobj.poller import POLL_EVENT_TYPE, createPoller
 
 from raftkv import command
 from raftkv._pb.raftkv.v1 import command_pb2 as pb
-from raftkv.config import RaftTuning
 from raftkv.errors import (
     InvalidArgument,
     NoSpace,
@@ -67,441 +52,33 @@ from raftkv.errors import (
     StorageError,
     Unavailable,
 )
-from raftkv.raft.journal import RECORD_OVERHEAD, Journal, JournalWriteError, MetaWriteError
-from raftkv.raft.link import LinkLimits, LinkSecurity
-from raftkv.raft.snapshot import SnapshotReceiver, read_snapshot, write_snapshot
+from raftkv.raft.conf_change import conf_change, initial_members, members_at
+from raftkv.raft.driver import NO_POLL, RaftDriver
+from raftkv.raft.group import APPEND_BATCH_BYTES, REGULAR, RaftGroup
+from raftkv.raft.journal import RECORD_OVERHEAD, JournalWriteError, MetaWriteError
+from raftkv.raft.snapshot import SnapshotReceiver, write_snapshot
 from raftkv.raft.storage import ReplicaStorage
-from raftkv.raft.transport import MuxTransport, ShardTransport
+from raftkv.raft.transport import ShardTransport
+from raftkv.replica import ReplicaInfo
 from raftkv.statemachine import Entry, StateMachine
 from raftkv.throttle import Throttle
-from raftkv.view import ClusterView
 
 log = logging.getLogger("raftkv.shard")
-T = TypeVar("T")
 
-# pysyncobj's command type bytes; we own everything after REGULAR's.
-_REGULAR = b"\x00"
-_NO_OP = b"\x01"
-_MEMBERSHIP = b"\x02"
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 SLOW_PROPOSAL_S = 1.0
-# Full tick period of every group (pysyncobj's timers run at this granularity).
-TICK_INTERVAL_S = 0.02
 # Longest time new entries wait for the previous AppendEntries to be acknowledged.
 MAX_APPEND_WAIT_S = 0.005
 # The largest command a proposal may carry (a PutMany shard part is bounded by the gRPC
 # message limit, far below). pysyncobj pickles and chunks any entry at least as large as its
 # appendEntriesBatchSizeBytes; that is set above this, so it never happens.
 MAX_COMMAND_BYTES = 16 * 1024 * 1024
-# Bytes of entries per AppendEntries (plus the entry that crosses it).
-APPEND_BATCH_BYTES = 1024 * 1024
 # Proposals waiting in pysyncobj's queue per shard; more are refused (RESOURCE_EXHAUSTED).
 COMMAND_QUEUE_SIZE = 20_000
 # Journal space a write must leave free: followers' appends and read barriers use it.
 WRITE_HEADROOM_BYTES = 256 * 1024
 # After a failed append, writes are refused this long before the next one is tried.
 WRITE_ERROR_HOLD_S = 1.0
-# Calls queued for the Raft thread (leadership transfers, digests).
-MAX_QUEUED_CALLS = 1024
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    shard_id: int
-    role: str
-    leader: str
-    term: int
-    commit_index: int
-    last_applied: int
-    keys: int
-    problem: str = ""
-    members: list[str] = field(default_factory=list)
-
-
-class _Group(SyncObj):  # type: ignore[misc]
-    """A pysyncobj group on our storage, whose log holds our protobuf commands."""
-
-    _SyncObj__raftCommitIndex: int
-    _SyncObj__raftLastApplied: int
-
-    def __init__(
-        self, shard_id: int, machine: StateMachine, storage: ReplicaStorage, *a: Any, **kw: Any
-    ) -> None:
-        self._shard_id = shard_id
-        self._machine = machine
-        self._storage = storage
-        super().__init__(*a, **kw)
-
-    # pysyncobj applies entries through this name-mangled method. REGULAR entries go to our
-    # state machine (raw bytes, never unpickled) with their log index; NO_OP does nothing.
-    # Nothing is ever handed to pysyncobj's own version, which would unpickle MEMBERSHIP and
-    # VERSION entries (the wire codec refuses those too).
-    def _SyncObj__doApplyCommand(self, data: bytes) -> Any:
-        if data[:1] == _REGULAR:
-            index = self._SyncObj__raftLastApplied + 1
-            return self._machine.apply(data[1:], index)
-        return None
-
-    # Membership entries are our ConfChange protobuf behind pysyncobj's MEMBERSHIP byte, never
-    # a pickle. pysyncobj applies them when they are appended (and undoes them when a new
-    # leader truncates them), one at a time, which is Raft's single-server change; at start-up
-    # the configuration is rebuilt from the snapshot and the log (see initial_members), so
-    # applying them again on commit is not needed.
-    def _SyncObj__parseChangeClusterRequest(self, command: bytes) -> tuple[str, str] | None:
-        return parse_conf_change(command)
-
-    def members(self) -> list[str]:
-        """Every voter, this replica included, as of the last appended entry."""
-        others = self._SyncObj__otherNodes
-        return sorted([self._SyncObj__selfNode.id, *(n.id for n in others)])
-
-    def set_members(self, members: set[str]) -> None:
-        """Take a configuration from an installed snapshot."""
-        me = self._SyncObj__selfNode.id
-        for n in self.members():
-            if n not in members and n != me:
-                self._SyncObj__doChangeCluster(("rem", n))
-        for n in sorted(members - set(self.members())):
-            self._SyncObj__doChangeCluster(("add", n))
-
-    def change_pending(self) -> bool:
-        """Is a membership change appended but not applied yet? (pysyncobj never tracks it:
-        its ``__changeClusterIDx`` is never set, so it would take a second change at once.)"""
-        journal = self._SyncObj__raftLog
-        applied = self._SyncObj__raftLastApplied
-        for i in range(len(journal) - 1, -1, -1):
-            entry = journal[i]
-            if entry[1] <= applied:
-                return False
-            if entry[0][:1] == _MEMBERSHIP:
-                return True
-        return False
-
-    def match_index(self, node_id: str) -> int:
-        return int(self._SyncObj__raftMatchIndex.get(Node(node_id), 0))
-
-    # pysyncobj sets nextIndex[peer] from every successful AppendEntries reply, even a reply
-    # to an older request: with entries pipelined (we send as soon as proposals arrive), a
-    # late reply moved nextIndex back and the leader re-sent entries the follower already
-    # had, which the follower then truncated and re-appended ("truncating already-applied
-    # log entries", harmless but costly). Keep the optimistic nextIndex; a failed append
-    # still resets it through the reply's reset flag.
-    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:
-        next_index = self._SyncObj__raftNextIndex
-        before = next_index.get(node)
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
-        if (
-            before is not None
-            and message.get("type") == "next_node_idx"
-            and message.get("success")
-            and not message.get("reset")
-            and self._isLeader()
-            and next_index.get(node, before) < before
-        ):
-            next_index[node] = before
-
-    def _SyncObj__getEntries(
-        self, fromIDx: int | None, count: int | None = None, maxSizeBytes: int | None = None
-    ) -> list[Any]:
-        # pysyncobj passes its (huge, see MAX_COMMAND_BYTES) batch size only when building an
-        # AppendEntries: cap that message at APPEND_BATCH_BYTES of entries instead.
-        if maxSizeBytes is not None:
-            maxSizeBytes = min(maxSizeBytes, APPEND_BATCH_BYTES)
-        entries: list[Any] = SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
-        return entries
-
-    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
-        """Install the snapshot file (at start-up, or once the leader has sent one)."""
-        storage = self._storage
-        snap = storage.snapshot
-        storage.snapshot = None  # the parsed start-up copy is only needed once
-        if snap is None:
-            snap = read_snapshot(storage.snapshot_path, f"shard {self._shard_id}")
-        last = (snap.last_applied.command, snap.last_applied.index, snap.last_applied.term)
-        before = (
-            snap.before_last_applied.command,
-            snap.before_last_applied.index,
-            snap.before_last_applied.term,
-        )
-        journal: Journal = self._SyncObj__raftLog
-        position = last[1] - journal.first_index if len(journal) else -1
-        # The journal first: if rewriting it fails (a full disk), nothing has changed yet and
-        # the replica still holds its old, consistent state.
-        if not clearJournal and 1 <= position < len(journal) and journal[position][2] == last[2]:
-            # Raft's InstallSnapshot rule: the log holds the snapshot's last entry with the same
-            # term, so keep what follows it (a compaction interrupted by a crash left the older
-            # entries in place: drop just those).
-            if position > 1:
-                journal.deleteEntriesTo(position - 1)
-        else:
-            journal.replace([before, last])
-        self._machine.restore(snap)
-        if clearJournal and snap.members:
-            # The leader's snapshot replaced our log: its configuration is the group's as of
-            # its last entry (at start-up, initial_members already replayed the log after it).
-            self.set_members(set(snap.members))
-        self._SyncObj__raftLastApplied = last[1]
-        # Everything up to the snapshot is committed; nothing past our log end can be.
-        commit = min(max(int(self._SyncObj__raftCommitIndex), last[1]), journal.last_index)
-        self._SyncObj__raftCommitIndex = commit
-        journal.setRaftCommitIndex(commit)
-        log.info(
-            "shard %d: %s snapshot at index %d (%d keys)",
-            self._shard_id,
-            "installed the leader's" if clearJournal else "restored",
-            last[1],
-            len(self._machine),
-        )
-
-    def send_append_entries(self) -> None:
-        self._SyncObj__sendAppendEntries()
-
-    def log_index(self) -> int:
-        return int(self._SyncObj__raftLog[-1][1])
-
-    def last_applied(self) -> int:
-        return int(self._SyncObj__raftLastApplied)
-
-    def entry_term(self, index: int) -> int | None:
-        entries = self._SyncObj__getEntries(index, 1)
-        return int(entries[0][2]) if entries else None
-
-    def set_term(self, term: int, voted_for: str | None) -> None:
-        self._SyncObj__setCurrentTerm(term, voted_for)
-
-    def hold_elections(self) -> None:
-        """Keep this replica from campaigning (it is recovering): push its timer out."""
-        self._SyncObj__raftElectionDeadline = pysyncobj_clock() + 3600.0
-
-
-# pysyncobj builds its journal from conf.journalFile; ours is handed over as that object.
-_pysyncobj_create_journal = pysyncobj_core.createJournal
-
-
-def _create_journal(journal_file: Any) -> Any:
-    if isinstance(journal_file, Journal):
-        return journal_file
-    return _pysyncobj_create_journal(journal_file)
-
-
-pysyncobj_core.createJournal = _create_journal
-
-
-def conf_change(remove: bool, node_id: str) -> bytes:
-    """A membership log entry: pysyncobj's MEMBERSHIP type byte, then our protobuf."""
-    change = pb.ConfChange(type=pb.ConfChange.REMOVE if remove else pb.ConfChange.ADD)
-    change.node_id = node_id
-    return _MEMBERSHIP + change.SerializeToString()
-
-
-def parse_conf_change(entry: bytes) -> tuple[str, str] | None:
-    """A membership entry → pysyncobj's ``("add"|"rem", node_id)``; None for anything else."""
-    if entry[:1] != _MEMBERSHIP:
-        return None
-    change = pb.ConfChange()
-    try:
-        change.ParseFromString(entry[1:])
-    except Exception:
-        return None
-    if not change.node_id:
-        return None
-    return ("rem" if change.type == pb.ConfChange.REMOVE else "add", change.node_id)
-
-
-def initial_members(base: set[str], snapshot: pb.Snapshot | None, journal: Journal) -> set[str]:
-    """The group's voters when a replica starts: the snapshot's (else ``base``), then every
-    membership change in the log after it, in order.
-
-    Replaying changes over a configuration that is older than the log's start is still right:
-    a node's final presence is set by its last change, and nodes with no change in the log
-    were in every configuration.
-    """
-    members = set(snapshot.members) if snapshot is not None and snapshot.members else set(base)
-    after = snapshot.last_applied.index if snapshot is not None else 0
-    for i in range(len(journal)):
-        entry = journal[i]
-        if entry[1] <= after:
-            continue
-        change = parse_conf_change(entry[0])
-        if change is not None:
-            (members.add if change[0] == "add" else members.discard)(change[1])
-    return members
-
-
-def members_at(current: set[str], journal: Journal, index: int) -> set[str]:
-    """The voters as of log ``index``: undo the changes appended after it."""
-    members = set(current)
-    for i in range(len(journal) - 1, -1, -1):
-        entry = journal[i]
-        if entry[1] <= index:
-            break
-        change = parse_conf_change(entry[0])
-        if change is not None:
-            (members.discard if change[0] == "add" else members.add)(change[1])
-    return members
-
-
-class _NoPoll:
-    """Stands in for a group's poller: the driver owns polling (see RaftDriver._run)."""
-
-    def poll(self, _timeout: float) -> None:
-        return None
-
-
-_NO_POLL = _NoPoll()
-
-
-class RaftDriver:
-    """The node's single Raft thread: one poller, one transport, every shard group."""
-
-    def __init__(
-        self,
-        view: ClusterView,
-        node_id: str,
-        tuning: RaftTuning,
-        security: LinkSecurity,
-        *,
-        incarnation: str = "",
-        check_incarnation: Callable[[str, str], str] = lambda _p, _i: "",
-    ) -> None:
-        self.poller = createPoller("auto")
-        self.transport = MuxTransport(
-            {n.id: n.raft for n in view.nodes},
-            node_id,
-            self.poller,
-            security=security,
-            limits=LinkLimits(idle_timeout_s=tuning.connection_timeout_s),
-            shard_terms=self._shard_terms,
-            on_peer_state=self._peer_state,
-            incarnation=incarnation,
-            check_incarnation=check_incarnation,
-        )
-        self.tuning = tuning
-        self._replicas: list[ShardReplica] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raft", daemon=True)
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        self.poller.subscribe(self._wake_r, self._drain_wake, POLL_EVENT_TYPE.READ)
-        self._calls: queue.Queue[Callable[[], None]] = queue.Queue(MAX_QUEUED_CALLS)
-        self._woken = False
-        self._throttle = Throttle(interval_s=10.0)
-
-    def add(self, replica: ShardReplica) -> None:
-        self._replicas.append(replica)
-
-    def start(self) -> None:
-        self.transport.bind()
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self.wake()
-        self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """Make the Raft thread poll return now. Callers set their dirty flag first."""
-        if self._woken:
-            return  # a wake-up is pending; the thread drains it before ticking
-        self._woken = True
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the Raft thread (where pysyncobj state may be touched safely)."""
-        try:
-            self._calls.put_nowait(fn)
-        except queue.Full:
-            raise Overloaded("too many calls queued for the Raft thread") from None
-        self.wake()
-
-    async def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
-        """Run ``fn`` on the Raft thread and await its result (or its exception)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def settle(ok: bool, value: Any) -> None:
-            if future.done():
-                return
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-        def run() -> None:
-            try:
-                result = fn()
-            except Exception as e:
-                loop.call_soon_threadsafe(settle, False, e)
-            else:
-                loop.call_soon_threadsafe(settle, True, result)
-
-        self.call_soon(run)
-        return await asyncio.wait_for(future, timeout)
-
-    def remove(self, replica: ShardReplica) -> None:
-        """Stop and drop one replica (on the Raft thread): it was removed from its group."""
-        if replica in self._replicas:
-            self._replicas.remove(replica)
-        replica.close()
-
-    def _drain_wake(self, _fd: int, _event: int) -> None:
-        # Drain first, then clear: a wake() that skipped its write because the flag was still
-        # set has already set its dirty flag, and the tick loop runs after this. Clearing
-        # first could swallow that wake-up's byte and leave the flag set with no byte pending.
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
-        self._woken = False
-
-    def _shard_terms(self) -> dict[int, int]:
-        return {r.shard_id: r.current_term for r in self._replicas if r.can_report_term}
-
-    def _peer_state(self, peer_id: str, terms: dict[int, int]) -> None:
-        for r in self._replicas:
-            r.peer_reported(peer_id, terms)
-
-    def _run(self) -> None:
-        # Every group gets a full tick (timers: heartbeats, elections, compaction) every
-        # TICK_INTERVAL_S; in between only groups with work are ticked: a proposal arrived,
-        # a message was delivered, or their last tick queued entries that must go out now.
-        # Ticking all eight groups on every wake-up cost more CPU than the requests did.
-        next_full = 0.0
-        logged = False
-        while not self._stop.is_set():
-            try:
-                dirty = any(r.dirty for r in self._replicas)
-                wait = 0.0 if dirty else max(0.0, next_full - time.monotonic())
-                self.poller.poll(wait)
-                while True:
-                    try:
-                        self._calls.get_nowait()()
-                    except queue.Empty:
-                        break
-                now = time.monotonic()
-                full = now >= next_full
-                if full:
-                    next_full = now + TICK_INTERVAL_S
-                    self.transport.tick()
-                for r in self._replicas:
-                    if full or r.dirty:
-                        r.dirty = False
-                        if r.tick():
-                            r.dirty = True
-                # Everything this turn queued for a peer (from every group, and replies to
-                # what the poll delivered) leaves in one send per link.
-                self.transport.flush()
-                if not logged:
-                    logged = True
-                    log.info("raft thread ticking %d shard groups", len(self._replicas))
-            except Exception:  # keep the node alive; a tick bug must not stop Raft
-                if self._throttle.allow("tick"):
-                    log.exception("raft tick failed")
-                time.sleep(0.05)
-        for r in self._replicas:
-            r.close()
-        self.transport.close()
 
 
 class ShardReplica:
@@ -552,7 +129,7 @@ class ShardReplica:
         self._transport = ShardTransport(driver.transport, shard_id, peers, self._mark_dirty)
         self._transport.on_error = self._delivery_failed
         driver.transport.attach(self._transport)
-        self._group = _Group(
+        self._group = RaftGroup(
             shard_id,
             self.machine,
             storage,
@@ -585,7 +162,7 @@ class ShardReplica:
             self._transport.before_send = self._sync_before_ack
         # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
         # every group's tick would only repeat that syscall eight times over.
-        g._poller = _NO_POLL
+        g._poller = NO_POLL
         self._last_leader = ""
         self._last_log_index = 0
         self._sent_index = 0
@@ -1051,7 +628,7 @@ class ShardReplica:
 
         self._inflight.add(future)
         try:
-            self._group._applyCommand(_REGULAR + data, done)
+            self._group._applyCommand(REGULAR + data, done)
             self.dirty = True
             self._driver.wake()
             return await asyncio.wait_for(future, timeout)

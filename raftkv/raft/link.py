@@ -57,7 +57,7 @@ class LinkLimits:
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 5.0
     # After authentication. Must exceed the largest AppendEntries the node sends: one
-    # batch of entries (shard.APPEND_BATCH_BYTES) plus the largest command it accepts.
+    # batch of entries (group.APPEND_BATCH_BYTES) plus the largest command it accepts.
     max_frame_bytes: int = 48 * 1024 * 1024
     max_send_buffer_bytes: int = 64 * 1024 * 1024
     # Raw bytes accepted before authentication, TLS handshake included.

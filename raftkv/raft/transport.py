@@ -7,7 +7,7 @@ protobuf ``RaftFrame`` tagged with the shard id (:mod:`raftkv.raft.wire`). Each 
 ``SyncObj`` gets a thin :class:`ShardTransport` (a pysyncobj ``Transport``) that tags outgoing
 and routes incoming messages.
 
-Everything here runs on the node's single Raft thread (see ``shard.RaftDriver``): sockets are
+Everything here runs on the node's single Raft thread (see ``driver.RaftDriver``): sockets are
 driven by the shared poller, so no locks or cross-thread queues are needed.
 
 Per pair of nodes the one with the larger id dials; the links authenticate as described in

@@ -7,8 +7,8 @@ import pytest
 
 from raftkv import command
 from raftkv.raft import wire
+from raftkv.raft.conf_change import conf_change, initial_members, members_at, parse_conf_change
 from raftkv.raft.journal import Journal, MetaStore
-from raftkv.shard import conf_change, initial_members, members_at, parse_conf_change
 
 REG = b"\x00" + command.put(b"k", b"v")
 
