@@ -385,7 +385,7 @@ class Node:
         if epoch <= self.view.epoch or time.monotonic() < self._epoch_hold_until:
             return
         if self._epoch_fetch is None or self._epoch_fetch.done():
-            self._epoch_fetch = asyncio.ensure_future(self.refresh_view(timeout))
+            self._epoch_fetch = asyncio.ensure_future(self.refresh_view(timeout, epoch))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._epoch_fetch), timeout)
         if epoch > self.view.epoch:
@@ -394,16 +394,23 @@ class Node:
     _epoch_fetch: asyncio.Future[None] | None = None
     _epoch_hold_until = 0.0
 
-    async def refresh_view(self, timeout: float = 1.0) -> None:
-        """Adopt the newest view the meta group holds: locally if we host it, else asked."""
+    async def refresh_view(self, timeout: float = 1.0, min_epoch: int = 0) -> None:
+        """Adopt the newest view the meta group holds: locally if we host it, else asked.
+
+        Our own meta replica is trusted only while its leader is reachable and it holds at
+        least ``min_epoch``. A replica removed from the meta group is never told so: it keeps
+        believing in its last leader while every peer has closed its link, and a node that
+        trusted it would never learn that it was removed."""
         meta = self.replicas.get(META_SHARD)
         if meta is not None:
             entry = meta.read_local(VIEW_KEY)
             if entry is not None:
                 await self.apply_view(ClusterView.decode(entry.value))
-            if meta.info.leader:
+            leader = meta.info.leader
+            reachable = leader == self.id or self.driver.transport.is_connected(leader)
+            if leader and reachable and self.view.epoch >= min_epoch:
                 return  # our replica follows a leader: it is as fresh as a peer's would be
-            # No leader known here (cut off, or refused by its peers): ask them over gRPC.
+            # Cut off, refused by its peers, or behind a caller: ask them over gRPC.
         hosts = [self.peers[n] for n in self.view.meta.hosts if n in self.peers]
 
         async def ask(peer: Peer) -> ClusterView | None:

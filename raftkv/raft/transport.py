@@ -589,7 +589,18 @@ class MuxTransport:
             peer.problem = problem
             peer.last_attempt = time.monotonic() + REFUSED_BACKOFF_S
         if self._throttle.allow(f"refused:{link.expected_peer}:{code}"):
-            log.error("raft link to %s (%s) %s", link.expected_peer, link.remote, problem)
+            if code == hs.RefuseCode.UNKNOWN_NODE:
+                # Normal for a moment after a join (the peer has not applied the view that
+                # adds us yet) and for good after a removal: not a configuration error.
+                log.warning(
+                    "raft link to %s (%s) %s (it has not seen a view with this node yet, or "
+                    "this node was removed)",
+                    link.expected_peer,
+                    link.remote,
+                    problem,
+                )
+            else:
+                log.error("raft link to %s (%s) %s", link.expected_peer, link.remote, problem)
 
     def link_closed(self, link: Link, reason: str) -> None:
         host = self._pending.pop(link, None)

@@ -280,3 +280,20 @@ def test_a_replica_seeded_from_a_snapshot_older_than_its_leader_hears_that_leade
         more = {f"new-{i}".encode(): b"x" for i in range(20)}
         asyncio.run(put(more))
         assert read_all(c, "n5", [*writes, *more]) == {**writes, **more}
+
+
+def test_a_drained_meta_member_learns_it_was_removed_and_stops(tmp_path: Path) -> None:
+    """A replica removed from the meta group is never told so by Raft: its node must still
+    find out, from its peers, that the view no longer lists it, and stop."""
+    with LocalCluster.create(tmp_path, nodes=3, shards=2, replicas=3) as c:
+        c.start()
+        c.add_node("n4")
+        wait_membership(c, "n4", member=True, what="n4 to join")
+        assert "n1" in c.status("n1").meta.replicas
+        out = admin(c, "member", "remove", "n1")
+        assert out.returncode == 0, out.stderr
+        s = wait_membership(c, "n1", member=False, what="n1 to be drained and removed")
+        assert "n1" not in s.meta.replicas and len(s.meta.replicas) == 3
+        proc = c.nodes["n1"].process
+        assert proc is not None
+        assert proc.wait(30) == 0, "a removed node stops by itself, cleanly"

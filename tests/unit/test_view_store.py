@@ -109,3 +109,41 @@ def test_replica_changes_run_at_the_groups_leader(tmp_path: Path) -> None:
     assert fakes[1].members == ["n1", "n2", "n3", "n4"]
     with pytest.raises(NotLeader):  # now a follower: a forwarded change is refused
         _run(change_replicas(node, 1, False, "n5", 2, forwarded=True))
+
+
+class ViewServer:
+    """Stands in for a peer's Admin stub: answers GetView with ``view`` and counts calls."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+        self.calls = 0
+
+    async def GetView(self, _request: Any, **_kw: Any) -> Any:
+        self.calls += 1
+        return self.view.to_proto()
+
+
+def test_a_meta_replica_whose_leader_is_cut_off_is_not_trusted_for_the_view(
+    tmp_path: Path,
+) -> None:
+    # A replica removed from the meta group keeps believing in its last leader, but every
+    # peer has closed its link: the node must ask its peers, or never learn of its removal.
+    node, fakes = fake_node(tmp_path)
+    fakes[META_SHARD].follow("n2")
+    newer = node.view.with_member(*N4)
+    servers = {n: ViewServer(newer) for n in ("n2", "n3")}
+    for n, server in servers.items():
+        node.peers[n]._admin = server  # type: ignore[assignment]
+    links_up = {"n2": True}
+    node.driver.transport.is_connected = lambda p: links_up.get(p, False)  # type: ignore[method-assign]
+
+    _run(node.refresh_view())  # leader reachable, and nobody asked for more: trust it
+    assert node.view.epoch == 1 and servers["n2"].calls == 0
+    _run(node.refresh_view(min_epoch=2))  # a caller has seen epoch 2: ask the peers
+    assert node.view == newer and servers["n2"].calls == 1
+
+    newest = newer.with_member(*N5)
+    servers["n2"].view = servers["n3"].view = newest
+    links_up["n2"] = False
+    _run(node.refresh_view())  # the leader's link is down: ask the peers
+    assert node.view == newest
