@@ -124,6 +124,8 @@ class Fault:
     node: str
     start: float
     end: float = 0.0
+    # A move that did not finish in MOVE_SETTLE_S (the run goes on, and reports it).
+    stuck: str = ""
 
 
 @dataclass
@@ -144,6 +146,10 @@ class RunReport:
     def ok(self) -> bool:
         return self.check is not None and self.check.ok and not self.lost_writes and self.converged
 
+    @property
+    def stuck_moves(self) -> list[str]:
+        return [f"{f.node}: {f.stuck}" for f in self.faults if f.stuck]
+
     def fault_counts(self) -> dict[str, int]:
         counts = {k: 0 for k in FAULT_KINDS}
         for f in self.faults:
@@ -161,6 +167,7 @@ class RunReport:
             f"{len(c.violations) if c else '?'} violations, "
             f"{len(c.timed_out_keys) if c else '?'} timed out); converged: {self.converged}"
             + (f" ({self.divergence})" if self.divergence else "")
+            + (f"; stuck moves: {self.stuck_moves}" if self.stuck_moves else "")
         )
 
 
@@ -326,8 +333,10 @@ class Nemesis:
         new = f"n{self._joined}"
         fault = Fault("move", new, time.monotonic())
         c.add_node(new, host=f"127.0.0.{10 + self._joined}")
-        with contextlib.suppress(TimeoutError):
+        try:
             wait_for(lambda: _settled(c, lambda ids: new in ids), MOVE_SETTLE_S, "moves")
+        except TimeoutError as e:
+            fault.stuck = f"the moves onto {new} did not finish: {e}"
         victim = self.rng.choice(sorted(n for n in c.nodes if n != new))
         fault.node = f"+{new} -{victim}"
 
@@ -342,11 +351,11 @@ class Nemesis:
             asyncio.run(remove(dead=False))
             wait_for(lambda: _settled(c, gone), MOVE_SETTLE_S, "drain")
         except (RaftKVError, TimeoutError) as e:
-            # Under this load a replica can take long to catch up. Let the draining node die
-            # instead (a fault of its own): its groups finish the move without it.
+            # Recorded (the test fails on it), then the run goes on: the draining node dies
+            # and is removed as dead, so the cluster keeps its size for the next faults.
             log.warning("move: draining %s did not finish (%s); killing it, removing it as dead",
                         victim, e)  # fmt: skip
-            fault.node += " (died while draining)"
+            fault.stuck = f"draining {victim} did not finish: {e}"
             c.forget_node(victim)
             with contextlib.suppress(RaftKVError, TimeoutError):
                 asyncio.run(remove(dead=True))

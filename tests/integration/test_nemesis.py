@@ -35,6 +35,7 @@ def test_faults_under_load_lose_nothing_and_stay_linearizable(tmp_path: Path) ->
     )
     assert not report.lost_writes, f"lost acknowledged writes: {report.lost_writes[:20]}"
     assert report.converged, report.divergence
+    assert not report.stuck_moves, report.summary()
     counts = report.fault_counts()
     assert sum(counts.values()) >= faults, counts
     for kind in nemesis.FAULT_KINDS:
