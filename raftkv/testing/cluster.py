@@ -181,8 +181,11 @@ class LocalCluster:
             self.wait_leaders(timeout)
         return self
 
-    def add_node(self, node_id: str, host: str = "127.0.0.1", wait: bool = True) -> NodeProcess:
-        """Start a new node that joins the running cluster (``serve --join``)."""
+    def add_node(
+        self, node_id: str, host: str = "127.0.0.1", wait: bool = True, start: bool = True
+    ) -> NodeProcess:
+        """Start a new node that joins the running cluster (``serve --join``); with
+        ``start=False`` only pick its addresses (start it later with ``start_node``)."""
         if node_id in self.nodes:
             raise RuntimeError(f"node {node_id} exists already")
         address = NodeAddress(node_id, f"{host}:{free_port(host)}", f"{host}:{free_port(host)}")
@@ -192,7 +195,8 @@ class LocalCluster:
         self.joined.add(node_id)
         if self.credentials is not None and not self.credentials.node_cert(node_id)[0].exists():
             certs.create_node_cert(self.credentials.directory, node_id, [host, node_id])
-        self.start_node(node_id, wait=wait)
+        if start:
+            self.start_node(node_id, wait=wait)
         return self.nodes[node_id]
 
     def forget_node(self, node_id: str) -> None:

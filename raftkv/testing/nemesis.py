@@ -2,7 +2,7 @@
 
 This is our version of the etcd robustness tests and of Jepsen: concurrent clients run put, get
 and compare-and-swap against a small key set (so operations conflict) on a real
-:class:`~raftkv.testing.cluster.LocalCluster`, while a nemesis repeatedly injects one of four
+:class:`~raftkv.testing.cluster.LocalCluster`, while a nemesis repeatedly injects one of five
 faults:
 
 * ``kill``: SIGKILL the node that leads the most shards, then restart it;
@@ -11,9 +11,10 @@ faults:
   (root only; each node has its own loopback address, and the transport binds outgoing Raft
   connections to it, so a rule on that address cuts exactly that node);
 * ``kill-all``: SIGKILL every node at once, then restart them all;
-* ``move``: a new node joins (``serve --join``) and replicas move onto it, then another node
-  is drained and removed (``member remove``): every group goes through Raft membership
-  changes while the clients run.
+* ``membership``: a node joins (``serve --join``) and replicas move onto it, or a random node
+  is drained and removed (``member remove``), in turn: the cluster grows from 3 to 4 to 5 nodes,
+  shrinks back to 3, and so on, and every group goes through Raft membership changes while the
+  clients run.
 
 Every operation is recorded with its invocation time, completion time and outcome (ok, failed,
 unknown). Afterwards we check that (1) the history is linearizable per key
@@ -53,8 +54,10 @@ from raftkv.testing.linearizability import CheckResult, check
 
 log = logging.getLogger("raftkv.nemesis")
 
-FAULT_KINDS = ("kill", "pause", "partition", "kill-all", "move")
-# A membership move waits this long for the replicas to settle, per step.
+FAULT_KINDS = ("kill", "pause", "partition", "kill-all", "membership")
+# The membership fault keeps the cluster between these sizes.
+MIN_NODES, MAX_NODES = 3, 5
+# A membership change waits this long for the replicas to settle.
 MOVE_SETTLE_S = 90.0
 
 
@@ -289,6 +292,7 @@ class Nemesis:
         self.partitioner = partitioner
         self.faults: list[Fault] = []
         self._joined = len(cluster.nodes)
+        self._growing = True
 
     def kinds(self) -> list[str]:
         return [k for k in FAULT_KINDS if k != "partition" or self.partitioner is not None]
@@ -314,8 +318,8 @@ class Nemesis:
             self.partitioner.cut(node)
             time.sleep(self.rng.uniform(1.0, 3.0))
             self.partitioner.heal()
-        elif kind == "move":
-            fault = self._move()
+        elif kind == "membership":
+            fault = self._membership()
         else:
             fault = Fault(kind, "all", time.monotonic())
             c.kill_all()
@@ -326,22 +330,35 @@ class Nemesis:
         self.faults.append(fault)
         log.info("fault %s on %s took %.1fs", kind, fault.node, fault.end - fault.start)
 
-    def _move(self) -> Fault:
-        """Grow by a new node, then drain another one out (the cluster keeps its size)."""
+    def _membership(self) -> Fault:
+        """Add a node or remove one, in turn: 3 → 4 → 5 → 4 → 3 → 4 ... nodes."""
+        size = len(self.cluster.nodes)
+        if size >= MAX_NODES:
+            self._growing = False
+        elif size <= MIN_NODES:
+            self._growing = True
+        return self._join() if self._growing else self._drain()
+
+    def _join(self) -> Fault:
         c = self.cluster
         self._joined += 1
         new = f"n{self._joined}"
-        fault = Fault("move", new, time.monotonic())
+        fault = Fault("membership", f"+{new}", time.monotonic())
         c.add_node(new, host=f"127.0.0.{10 + self._joined}")
         try:
             wait_for(lambda: _settled(c, lambda ids: new in ids), MOVE_SETTLE_S, "moves")
         except TimeoutError as e:
             fault.stuck = f"the moves onto {new} did not finish: {e}"
-        victim = self.rng.choice(sorted(n for n in c.nodes if n != new))
-        fault.node = f"+{new} -{victim}"
+        return fault
+
+    def _drain(self) -> Fault:
+        c = self.cluster
+        victim = self.rng.choice(sorted(c.nodes))
+        fault = Fault("membership", f"-{victim}", time.monotonic())
+        ask = next(n for n in sorted(c.nodes) if n != victim)
 
         async def remove(dead: bool) -> None:
-            async with c.client([c.endpoint(new)], timeout=30) as client:
+            async with c.client([c.endpoint(ask)], timeout=30) as client:
                 await client.member_remove(victim, dead=dead)
 
         def gone(ids: list[str]) -> bool:
@@ -353,8 +370,8 @@ class Nemesis:
         except (RaftKVError, TimeoutError) as e:
             # Recorded (the test fails on it), then the run goes on: the draining node dies
             # and is removed as dead, so the cluster keeps its size for the next faults.
-            log.warning("move: draining %s did not finish (%s); killing it, removing it as dead",
-                        victim, e)  # fmt: skip
+            log.warning("membership: draining %s did not finish (%s); killing it, removing it "
+                        "as dead", victim, e)  # fmt: skip
             fault.stuck = f"draining {victim} did not finish: {e}"
             c.forget_node(victim)
             with contextlib.suppress(RaftKVError, TimeoutError):
@@ -362,9 +379,11 @@ class Nemesis:
                 wait_for(lambda: _settled(c, gone), MOVE_SETTLE_S, "dead removal")
             return fault
         proc = c.nodes[victim].process
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             if proc is not None:
                 proc.wait(30)  # a removed node stops by itself
+        except subprocess.TimeoutExpired:
+            fault.stuck = f"{victim} was removed but did not stop within 30 s"
         c.forget_node(victim)
         return fault
 

@@ -297,3 +297,25 @@ def test_a_drained_meta_member_learns_it_was_removed_and_stops(tmp_path: Path) -
         proc = c.nodes["n1"].process
         assert proc is not None
         assert proc.wait(30) == 0, "a removed node stops by itself, cleanly"
+
+
+def test_a_node_added_ahead_of_time_gets_its_replicas_once_it_runs(tmp_path: Path) -> None:
+    """etcd's order: ``member add`` first, then start the node with ``serve --join``."""
+    with LocalCluster.create(tmp_path, nodes=3, shards=8, replicas=3) as c:
+        c.start()
+        n4 = c.add_node("n4", start=False)
+        out = admin(c, "member", "add", "n4", "--grpc", n4.address.grpc, "--raft", n4.address.raft)
+        assert out.returncode == 0, out.stderr
+        listed = admin(c, "member", "list")
+        assert listed.returncode == 0 and "n4" in listed.stdout
+
+        def waiting_for_n4() -> bool:
+            s = c.status("n1")
+            return any("n4" in m and "is it running" in m for m in s.stuck_moves)
+
+        # the moves wait for the node, and status says why
+        wait_for(waiting_for_n4, 60, "status to say the moves wait for n4")
+        c.start_node("n4")
+        s = wait_membership(c, "n4", member=True, what="the replicas to move onto n4")
+        assert replica_load(s) == {"n1": 6, "n2": 6, "n3": 6, "n4": 6}
+        wait_converged(c)
