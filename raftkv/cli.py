@@ -106,6 +106,11 @@ def configure_logging(node_id: str, log_dir: Path, level: str) -> Path:
 
 # Set by LocalCluster for the nodes it starts: a test or `local up` that dies, even by
 # SIGKILL, must not leave node processes behind.
+class ReadPath(StrEnum):
+    read_index = "read-index"
+    log_barrier = "log-barrier"
+
+
 DIE_WITH_PARENT_ENV = "RAFTKV_DIE_WITH_PARENT"
 
 
@@ -287,6 +292,14 @@ def serve(
             "RESOURCE_EXHAUSTED (and a retry hint) instead of slowing everyone down."
         ),
     ] = Limits.max_concurrent_rpcs,
+    read_path: Annotated[
+        ReadPath,
+        typer.Option(
+            help="How a leader proves a linearizable read is current. read-index: one "
+            "heartbeat round acknowledged by a quorum (batched), no log entry. log-barrier: "
+            "commit a no-op entry per batch of reads (slower; kept to compare)."
+        ),
+    ] = ReadPath.read_index,
     recover_from_peers: Annotated[
         bool,
         typer.Option(
@@ -346,7 +359,11 @@ def serve(
         limits=limits,
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
-        raft=RaftTuning(fsync=fsync, log_compaction_entries=log_compaction_entries),
+        raft=RaftTuning(
+            fsync=fsync,
+            log_compaction_entries=log_compaction_entries,
+            read_index=read_path is ReadPath.read_index,
+        ),
         security=security,
         recover_from_peers=recover_from_peers,
     )
@@ -862,6 +879,14 @@ def local_up(
             "and bearer tokens, all made under DIR/secure (see docs/security.md).",
         ),
     ] = False,
+    serve_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--serve-arg",
+            help="An argument for every `raftkv serve` (repeat it), for example "
+            "--serve-arg=--read-path=log-barrier or --serve-arg=--fsync.",
+        ),
+    ] = None,
 ) -> None:
     """Start a local cluster of real `raftkv serve` processes; Ctrl-C stops them all."""
     from raftkv import certs
@@ -869,7 +894,7 @@ def local_up(
 
     try:
         config = ClusterConfig.local(nodes, shards, replicas, base_port)
-        cluster = LocalCluster(config, directory, secure=secure)
+        cluster = LocalCluster(config, directory, secure=secure, extra_args=tuple(serve_arg or ()))
     except (ConfigError, certs.CertError, OSError) as e:
         raise fail(str(e)) from None
     stop = False

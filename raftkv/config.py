@@ -234,6 +234,9 @@ class RaftTuning:
     connection_timeout_s: float = 3.0
     log_compaction_entries: int = 20000
     log_compaction_s: float = 600.0
+    # Linearizable reads by ReadIndex (a heartbeat round confirms leadership, no log entry);
+    # False: every batch of reads commits a barrier entry (--read-path log-barrier).
+    read_index: bool = True
     # fsync the journal before an entry counts toward a commit (group commit: one fsync per
     # batch of appended entries), and term/vote before they are used. Survives power loss.
     fsync: bool = False

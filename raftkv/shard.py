@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObjConf
@@ -79,6 +80,8 @@ COMMAND_QUEUE_SIZE = 20_000
 WRITE_HEADROOM_BYTES = 256 * 1024
 # After a failed append, writes are refused this long before the next one is tried.
 WRITE_ERROR_HOLD_S = 1.0
+# ReadIndex rounds waiting for a quorum per shard; the oldest is failed to make room.
+MAX_READ_ROUNDS = 64
 
 
 class ShardReplica:
@@ -191,6 +194,13 @@ class ShardReplica:
         self._inflight: set[asyncio.Future[tuple[pb.CommandResult, int]]] = set()
         self._barrier_waiters: list[asyncio.Future[int]] = []
         self._barrier_task: asyncio.Task[None] | None = None
+        # ReadIndex (Raft thread): rounds started and not yet answered, oldest first, as
+        # (round, term, read index, answer). Off (--read-path log-barrier): every linearizable
+        # read batch commits a barrier entry instead.
+        self._read_index = tuning.read_index
+        self._read_rounds: list[tuple[int, int, int, Callable[[int | RaftKVError | None], None]]]
+        self._read_rounds = []
+        self._last_round = 0
         self._throttle = Throttle(interval_s=10.0)
         driver.add(self)
 
@@ -235,8 +245,94 @@ class ShardReplica:
         failure = self._write_error
         if failure is not None and time.monotonic() - failure[0] > WRITE_ERROR_HOLD_S:
             self._write_error = None  # the next append tries again (and fails again, if so)
+        if self._read_rounds:
+            self._answer_reads()
         self._refresh_info()
         return busy
+
+    # -- ReadIndex (Raft dissertation §6.4, etcd's ReadIndex) ------------------------------
+    #
+    # A linearizable read needs the state as of some moment after it arrived, at which this
+    # replica was still the leader. Recording the commit index R, then hearing from a quorum
+    # that still accepts our term in replies to messages sent after R was recorded, proves
+    # nobody else could have committed anything past R by then; the read is served once R is
+    # applied. R is valid only if an entry of our own term has committed (the no-op a new
+    # leader appends), else the leader may not know everything committed before it: until then
+    # the read commits a barrier entry instead. No clocks are involved (no leases).
+
+    def _start_read_round(self, answer: Callable[[int | RaftKVError | None], None]) -> None:
+        g = self._group
+        if not g._isLeader() or self._failed:
+            answer(self.not_leader())
+            return
+        term = int(g.raftCurrentTerm)
+        commit = int(g.raftCommitIndex)
+        if g.entry_term(commit) != term:
+            answer(None)  # nothing of our term has committed yet: use a barrier
+            return
+        self._last_round += 1
+        self._transport.read_round = self._last_round
+        if len(self._read_rounds) >= MAX_READ_ROUNDS:
+            # Rounds nobody confirms (no quorum): the oldest reader timed out long ago.
+            self._read_rounds.pop(0)[3](self._no_quorum())
+        self._read_rounds.append((self._last_round, term, commit, answer))
+        g.send_append_entries()  # the heartbeat round that confirms it, now
+        self._answer_reads()
+
+    def _answer_reads(self) -> None:
+        g = self._group
+        term = int(g.raftCurrentTerm)
+        if not g._isLeader() or self._failed:
+            error = self.not_leader()
+            for _, _, _, answer in self._read_rounds:
+                answer(error)
+            self._read_rounds = []
+            return
+        members = g.members()
+        needed = len(members) // 2 + 1
+        acks = self._transport.read_acks
+        applied = g.last_applied()
+        while self._read_rounds:
+            read_round, round_term, index, answer = self._read_rounds[0]
+            if round_term != term:
+                answer(self.not_leader())
+            else:
+                confirmed = 1 + sum(
+                    1 for m in members if m != self.node_id and acks.get(m, 0) >= read_round
+                )
+                if confirmed < needed or applied < index:
+                    return  # later rounds need at least as much
+                answer(index)
+            self._read_rounds.pop(0)
+
+    def _no_quorum(self) -> ProposalTimeout:
+        return ProposalTimeout(
+            f"shard {self.shard_id}: leadership was not confirmed by a quorum in time "
+            "(is a quorum reachable?)"
+        )
+
+    async def _read_round(self, timeout: float) -> int | None:
+        """The read index of a confirmed round; None if a barrier must be used instead."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int | None] = loop.create_future()
+        future.add_done_callback(_consume_outcome)
+
+        def settle(value: int | RaftKVError | None) -> None:
+            if future.done():
+                return
+            if isinstance(value, RaftKVError):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+        def answer(value: int | RaftKVError | None) -> None:  # Raft thread
+            loop.call_soon_threadsafe(settle, value)
+
+        self._driver.call_soon(lambda: self._start_read_round(answer))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise self._no_quorum() from None
 
     def _refresh_info(self) -> None:
         g = self._group
@@ -644,7 +740,10 @@ class ShardReplica:
                 log.warning("shard %d: slow proposal took %.2fs", self.shard_id, elapsed)
 
     async def read_index(self, timeout: float) -> int:
-        """Wait for a barrier that started after this call; return its log index."""
+        """Wait until a read started after this call may be served: a ReadIndex round (or a
+        barrier entry) that began after it has confirmed leadership and been applied here.
+        Returns the log index the local state now reflects at least. Reads arriving while a
+        round is in flight share the next one."""
         if not self.is_leader:
             raise self.not_leader()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -657,15 +756,17 @@ class ShardReplica:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             raise ProposalTimeout(
-                f"shard {self.shard_id}: read barrier did not commit within {timeout:.1f}s "
-                "(is a quorum reachable?)"
+                f"shard {self.shard_id}: a linearizable read was not confirmed within "
+                f"{timeout:.1f}s (is a quorum reachable?)"
             ) from None
 
     async def _run_barriers(self, timeout: float) -> None:
         while self._barrier_waiters:
             batch, self._barrier_waiters = self._barrier_waiters, []
             try:
-                _, index = await self.propose(command.BARRIER, timeout, headroom=0)
+                index = await self._read_round(timeout) if self._read_index else None
+                if index is None:
+                    _, index = await self.propose(command.BARRIER, timeout, headroom=0)
             except RaftKVError as e:
                 for f in batch:
                     if not f.done():

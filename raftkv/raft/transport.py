@@ -97,6 +97,12 @@ class ShardTransport(Transport):  # type: ignore[misc]
         self._on_activity = on_activity
         # Runs before any message leaves (the fsync mode makes appends durable there).
         self.before_send: Callable[[Any], None] | None = None
+        # ReadIndex (see ShardReplica): a leader stamps what it sends with its current read
+        # round; a follower echoes, in its reply, the round of the last AppendEntries it got
+        # from that peer; a leader keeps the highest round each peer has echoed.
+        self.read_round = 0
+        self.read_acks: dict[str, int] = {}
+        self._echo: dict[str, int] = {}
         # Replica recovery: ``accept`` may drop a message before pysyncobj sees it;
         # ``delivered`` looks at it after pysyncobj has handled it.
         self.accept: Callable[[str, dict[str, Any]], bool] | None = None
@@ -110,6 +116,11 @@ class ShardTransport(Transport):  # type: ignore[misc]
     def send(self, node: Node, message: Any) -> bool:
         if self.before_send is not None:
             self.before_send(message)
+        kind = message.get("type")
+        if kind == "append_entries":
+            message["read_round"] = self.read_round
+        elif kind == "next_node_idx":
+            message["read_round"] = self._echo.get(node.id, 0)
         return self._mux.send(node.id, self.shard_id, message)
 
     # pysyncobj calls these when a membership change is appended (or undone): messages from a
@@ -145,6 +156,14 @@ class ShardTransport(Transport):  # type: ignore[misc]
         try:
             if self.accept is not None and not self.accept(peer_id, message):
                 return
+            kind = message.get("type")
+            if kind == "append_entries":
+                # pysyncobj answers it (if it accepts the sender's term) within this call
+                self._echo[peer_id] = message.get("read_round", 0)
+            elif kind == "next_node_idx":
+                read_round = message.get("read_round", 0)
+                if read_round > self.read_acks.get(peer_id, 0):
+                    self.read_acks[peer_id] = read_round
             self._onMessageReceived(node, message)
             if self.delivered is not None:
                 self.delivered(peer_id, message)

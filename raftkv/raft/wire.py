@@ -93,10 +93,12 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
                 ae.prev_log_index = message["prevLogIdx"]
             if message["prevLogTerm"] is not None:
                 ae.prev_log_term = message["prevLogTerm"]
+            ae.read_round = message.get("read_round", 0)
         else:
             snap = frame.install_snapshot
             snap.term = message["term"]
             snap.commit_index = message["commit_index"]
+            snap.read_round = message.get("read_round", 0)
             chunk = message.get("serialized")
             if chunk:  # None: nothing ready yet; False: the leader failed to read its file
                 data, first, last = chunk
@@ -106,6 +108,7 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
         ni.next_index = message["next_node_idx"]
         ni.reset = message["reset"]
         ni.success = message["success"]
+        ni.read_round = message.get("read_round", 0)
     elif kind == "request_vote":
         rv = frame.request_vote
         rv.term = message["term"]
@@ -169,6 +172,7 @@ def decode(data: bytes) -> Decoded:
             ),
             "prevLogIdx": ae.prev_log_index if ae.HasField("prev_log_index") else None,
             "prevLogTerm": ae.prev_log_term if ae.HasField("prev_log_term") else None,
+            "read_round": ae.read_round,
         }
     elif which == "install_snapshot":
         snap = frame.install_snapshot
@@ -181,6 +185,7 @@ def decode(data: bytes) -> Decoded:
                 if snap.HasField("chunk")
                 else None
             ),
+            "read_round": snap.read_round,
         }
     elif which == "next_index":
         ni = frame.next_index
@@ -189,6 +194,7 @@ def decode(data: bytes) -> Decoded:
             "next_node_idx": ni.next_index,
             "reset": ni.reset,
             "success": ni.success,
+            "read_round": ni.read_round,
         }
     elif which == "request_vote":
         rv = frame.request_vote

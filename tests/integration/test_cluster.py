@@ -213,3 +213,28 @@ def test_bulk_request_with_a_bad_key_is_rejected_whole(cluster3: LocalCluster) -
         assert "item 1" in (info.value.details() or "")
         with pytest.raises(grpc.RpcError):
             stub.Get(kv.GetRequest(key=b"ok"), timeout=10)  # nothing of it was written
+
+
+@pytest.mark.parametrize("read_path", ["read-index", "log-barrier"])
+def test_linearizable_reads_append_to_the_log_only_on_the_barrier_path(
+    tmp_path: Path, read_path: str
+) -> None:
+    """ReadIndex confirms leadership with a heartbeat round: reads leave the log alone.
+    The log barrier (kept behind --read-path to compare) commits an entry per read batch."""
+    args = ("--read-path", read_path)
+    with LocalCluster.create(tmp_path, nodes=3, shards=1, replicas=3, extra_args=args) as c:
+        c.start()
+
+        async def run() -> None:
+            async with c.client(timeout=10) as cl:
+                await cl.put(b"k", b"v")
+                before = c.status().shards[0].commit_index
+                for _ in range(20):  # one at a time: each read its own round
+                    assert (await cl.get(b"k")).value == b"v"
+                after = c.status().shards[0].commit_index
+                if read_path == "read-index":
+                    assert after == before
+                else:
+                    assert after >= before + 20
+
+        asyncio.run(run())

@@ -74,7 +74,7 @@ class ResponseVote(_message.Message):
     def __init__(self, term: _Optional[int] = ...) -> None: ...
 
 class AppendEntries(_message.Message):
-    __slots__ = ("term", "commit_index", "prev_log_index", "prev_log_term", "first_index", "terms", "commands")
+    __slots__ = ("term", "commit_index", "prev_log_index", "prev_log_term", "first_index", "terms", "commands", "read_round")
     TERM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     PREV_LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class AppendEntries(_message.Message):
     FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
     TERMS_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    READ_ROUND_FIELD_NUMBER: _ClassVar[int]
     term: int
     commit_index: int
     prev_log_index: int
@@ -89,17 +90,20 @@ class AppendEntries(_message.Message):
     first_index: int
     terms: _containers.RepeatedScalarFieldContainer[int]
     commands: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., prev_log_index: _Optional[int] = ..., prev_log_term: _Optional[int] = ..., first_index: _Optional[int] = ..., terms: _Optional[_Iterable[int]] = ..., commands: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    read_round: int
+    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., prev_log_index: _Optional[int] = ..., prev_log_term: _Optional[int] = ..., first_index: _Optional[int] = ..., terms: _Optional[_Iterable[int]] = ..., commands: _Optional[_Iterable[bytes]] = ..., read_round: _Optional[int] = ...) -> None: ...
 
 class InstallSnapshot(_message.Message):
-    __slots__ = ("term", "commit_index", "chunk")
+    __slots__ = ("term", "commit_index", "chunk", "read_round")
     TERM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    READ_ROUND_FIELD_NUMBER: _ClassVar[int]
     term: int
     commit_index: int
     chunk: SnapshotChunk
-    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., chunk: _Optional[_Union[SnapshotChunk, _Mapping]] = ...) -> None: ...
+    read_round: int
+    def __init__(self, term: _Optional[int] = ..., commit_index: _Optional[int] = ..., chunk: _Optional[_Union[SnapshotChunk, _Mapping]] = ..., read_round: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("data", "first", "last")
@@ -112,14 +116,16 @@ class SnapshotChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class NextIndex(_message.Message):
-    __slots__ = ("next_index", "reset", "success")
+    __slots__ = ("next_index", "reset", "success", "read_round")
     NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    READ_ROUND_FIELD_NUMBER: _ClassVar[int]
     next_index: int
     reset: bool
     success: bool
-    def __init__(self, next_index: _Optional[int] = ..., reset: _Optional[bool] = ..., success: _Optional[bool] = ...) -> None: ...
+    read_round: int
+    def __init__(self, next_index: _Optional[int] = ..., reset: _Optional[bool] = ..., success: _Optional[bool] = ..., read_round: _Optional[int] = ...) -> None: ...
 
 class ApplyCommand(_message.Message):
     __slots__ = ("command", "request_id")
