@@ -597,7 +597,10 @@ class ShardReplica:
                 f"shard {self.shard_id}: the membership change did not commit within "
                 f"{timeout:.1f}s; its outcome is unknown (it is safe to retry)"
             ) from None
-        if not remove:
+        if not remove and node_id != self.node_id:
+            # (The new replica may already lead: added, then elected when the old leader died
+            # before the move was recorded. A leader holds its own log; it has nothing to wait
+            # for, and pysyncobj keeps no match index for it.)
             await self._wait_caught_up(node_id, deadline)
         return members
 
