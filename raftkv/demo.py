@@ -67,78 +67,93 @@ async def _first_write_per_shard(endpoints: list[str], shards: int, deadline_s: 
     return time.monotonic() - start
 
 
-def run(keys: int, base_port: int, directory: Path | None) -> None:
+def _tell(
+    story: Callable[[LocalCluster], bool], base_port: int, directory: Path | None, done: str
+) -> None:
+    """Start 3 nodes, tell ``story`` on them, stop them, clean up, and say how it ended
+    (exit 1 if the story's checks failed)."""
     work = directory or Path(tempfile.mkdtemp(prefix="raftkv-demo-"))
     config = ClusterConfig.local(3, 8, 3, base_port)
-    ok = True
     with LocalCluster(config, work) as cluster:
         say(f"Starting 3 nodes (8 shards, 3 replicas each) in {work}")
         cluster.start(timeout=60)
-        for n in cluster.nodes.values():
-            typer.echo(f"    {n.id}: pid {n.pid}, gRPC {n.address.grpc}, Raft {n.address.raft}")
-        endpoints = cluster.endpoints
-
-        say(f"Writing {keys} keys through all three nodes")
-        asyncio.run(_write(endpoints, range(keys), "v1", 30))
-        typer.echo(f"    wrote demo-0 .. demo-{keys - 1}")
-
-        say("Cluster status: every shard has a leader; commit indexes agree")
-        typer.echo(_status_table(cluster))
-
-        victim = cluster.busiest_leader()
-        led = sorted(s for s, n in cluster.leaders().items() if n == victim)
-        say(f"Killing {victim} with SIGKILL: it leads shards {led}")
-        cluster.kill(victim)
-        survivors = cluster.running_endpoints()
-        took = asyncio.run(_first_write_per_shard(survivors, config.shards, 10))
-        typer.echo(f"    every shard accepted a write {took:.2f}s after the kill")
-        if took > 10:
-            ok = False
-        cluster.wait_leaders(30, exclude={victim})
-
-        say("New leaders (the killed node shows as unreachable)")
-        typer.echo(_status_table(cluster))
-
-        say(f"Reading back all {keys} keys, then writing {keys} more, with {victim} down")
-        got = asyncio.run(_read(survivors, range(keys)))
-        lost = [i for i in range(keys) if got.get(i) != f"v1-{i}".encode()]
-        typer.echo(f"    {keys - len(lost)}/{keys} keys read back intact")
-        ok &= not lost
-        asyncio.run(_write(survivors, range(keys, 2 * keys), "v2", 30))
-        typer.echo(f"    wrote demo-{keys} .. demo-{2 * keys - 1}")
-
-        say(f"Restarting {victim}; it replays its journal and catches up from the leaders")
-        cluster.start_node(victim)
-
-        def caught_up() -> bool:
-            s = cluster.status()
-            return all(
-                len(sh.replica_status) == 3
-                and len({r.commit_index for r in sh.replica_status}) == 1
-                for sh in s.shards
-            )
-
-        try:
-            wait_for(caught_up, 30, f"{victim} to catch up")
-            typer.echo(f"    {victim} caught up: every replica has the same commit index")
-        except TimeoutError as e:
-            typer.echo(f"    {e}")
-            ok = False
-        typer.echo(_status_table(cluster))
-
-        got = asyncio.run(_read(cluster.endpoints, range(2 * keys)))
-        intact = sum(
-            got[i] == (f"v1-{i}" if i < keys else f"v2-{i}").encode() for i in range(2 * keys)
-        )
-        typer.echo(f"    {intact}/{2 * keys} keys intact across the whole story")
-        ok &= intact == 2 * keys
+        ok = story(cluster)
         say("Stopping every node")
     if directory is None:
         shutil.rmtree(work, ignore_errors=True)
     if not ok:
         typer.secho("demo FAILED: see the lines above", fg="red", err=True)
         raise typer.Exit(1)
-    typer.secho("\ndemo OK: no acknowledged write was lost", fg="green")
+    typer.secho(f"\ndemo OK: {done}", fg="green")
+
+
+def run(keys: int, base_port: int, directory: Path | None) -> None:
+    _tell(
+        lambda cluster: _failover(cluster, keys),
+        base_port,
+        directory,
+        "no acknowledged write was lost",
+    )
+
+
+def _failover(cluster: LocalCluster, keys: int) -> bool:
+    ok = True
+    for n in cluster.nodes.values():
+        typer.echo(f"    {n.id}: pid {n.pid}, gRPC {n.address.grpc}, Raft {n.address.raft}")
+    endpoints = cluster.endpoints
+
+    say(f"Writing {keys} keys through all three nodes")
+    asyncio.run(_write(endpoints, range(keys), "v1", 30))
+    typer.echo(f"    wrote demo-0 .. demo-{keys - 1}")
+
+    say("Cluster status: every shard has a leader; commit indexes agree")
+    typer.echo(_status_table(cluster))
+
+    victim = cluster.busiest_leader()
+    led = sorted(s for s, n in cluster.leaders().items() if n == victim)
+    say(f"Killing {victim} with SIGKILL: it leads shards {led}")
+    cluster.kill(victim)
+    survivors = cluster.running_endpoints()
+    took = asyncio.run(_first_write_per_shard(survivors, cluster.config.shards, 10))
+    typer.echo(f"    every shard accepted a write {took:.2f}s after the kill")
+    if took > 10:
+        ok = False
+    cluster.wait_leaders(30, exclude={victim})
+
+    say("New leaders (the killed node shows as unreachable)")
+    typer.echo(_status_table(cluster))
+
+    say(f"Reading back all {keys} keys, then writing {keys} more, with {victim} down")
+    got = asyncio.run(_read(survivors, range(keys)))
+    lost = [i for i in range(keys) if got.get(i) != f"v1-{i}".encode()]
+    typer.echo(f"    {keys - len(lost)}/{keys} keys read back intact")
+    ok &= not lost
+    asyncio.run(_write(survivors, range(keys, 2 * keys), "v2", 30))
+    typer.echo(f"    wrote demo-{keys} .. demo-{2 * keys - 1}")
+
+    say(f"Restarting {victim}; it replays its journal and catches up from the leaders")
+    cluster.start_node(victim)
+
+    def caught_up() -> bool:
+        s = cluster.status()
+        return all(
+            len(sh.replica_status) == 3 and len({r.commit_index for r in sh.replica_status}) == 1
+            for sh in s.shards
+        )
+
+    try:
+        wait_for(caught_up, 30, f"{victim} to catch up")
+        typer.echo(f"    {victim} caught up: every replica has the same commit index")
+    except TimeoutError as e:
+        typer.echo(f"    {e}")
+        ok = False
+    typer.echo(_status_table(cluster))
+
+    got = asyncio.run(_read(cluster.endpoints, range(2 * keys)))
+    intact = sum(got[i] == (f"v1-{i}" if i < keys else f"v2-{i}").encode() for i in range(2 * keys))
+    typer.echo(f"    {intact}/{2 * keys} keys intact across the whole story")
+    ok &= intact == 2 * keys
+    return ok
 
 
 # -- the membership story ---------------------------------------------------------------------
@@ -217,57 +232,56 @@ def _replica_counts(s: kv.StatusResponse) -> str:
 
 
 def run_membership(keys: int, base_port: int, directory: Path | None) -> None:
-    work = directory or Path(tempfile.mkdtemp(prefix="raftkv-demo-"))
-    config = ClusterConfig.local(3, 8, 3, base_port)
+    _tell(
+        lambda cluster: _membership(cluster, keys),
+        base_port,
+        directory,
+        "the cluster grew, shrank and healed; no key was lost",
+    )
+
+
+def _membership(cluster: LocalCluster, keys: int) -> bool:
     ok = True
-    with LocalCluster(config, work) as cluster:
-        say(f"Starting 3 nodes (8 shards, 3 replicas each) in {work}")
-        cluster.start(timeout=60)
-        say(f"Writing {keys} keys")
-        started = time.monotonic()
-        asyncio.run(_fill(cluster.endpoints, keys))
-        typer.echo(f"    wrote demo-0 .. demo-{keys - 1} in {time.monotonic() - started:.1f}s")
+    say(f"Writing {keys} keys")
+    started = time.monotonic()
+    asyncio.run(_fill(cluster.endpoints, keys))
+    typer.echo(f"    wrote demo-0 .. demo-{keys - 1} in {time.monotonic() - started:.1f}s")
 
-        for new in ("n4", "n5"):
-            say(f"Adding {new}: one command on the new machine")
-            cluster.add_node(new)
-            typer.echo(f"    $ {_serve_line(cluster, new)}")
-            ok &= _watch_moves(cluster, _settled_with(new), f"{new}'s moves")
-            typer.echo(f"    replicas per node: {_replica_counts(cluster.status())}")
+    for new in ("n4", "n5"):
+        say(f"Adding {new}: one command on the new machine")
+        cluster.add_node(new)
+        typer.echo(f"    $ {_serve_line(cluster, new)}")
+        ok &= _watch_moves(cluster, _settled_with(new), f"{new}'s moves")
+        typer.echo(f"    replicas per node: {_replica_counts(cluster.status())}")
 
-        say("Removing n2: its replicas drain to the others, then it leaves and stops")
-        typer.echo("    $ raftkv admin member remove n2")
-        asyncio.run(_admin(cluster, lambda c: c.member_remove("n2")))
-        ok &= _watch_moves(cluster, lambda s: "n2" not in _members(s) and not s.moves, "n2")
-        cluster.forget_node("n2")
+    say("Removing n2: its replicas drain to the others, then it leaves and stops")
+    typer.echo("    $ raftkv admin member remove n2")
+    asyncio.run(_admin(cluster, lambda c: c.member_remove("n2")))
+    ok &= _watch_moves(cluster, lambda s: "n2" not in _members(s) and not s.moves, "n2")
+    cluster.forget_node("n2")
 
-        say("Killing n3 for good (SIGKILL, data dir deleted), then replacing it")
-        cluster.forget_node("n3")
-        shutil.rmtree(work / "data" / "n3", ignore_errors=True)
-        typer.echo("    $ raftkv admin member remove n3 --dead")
-        asyncio.run(_admin(cluster, lambda c: c.member_remove("n3", dead=True)))
-        ok &= _watch_moves(cluster, lambda s: "n3" not in _members(s) and not s.moves, "n3")
-        cluster.add_node("n6")
-        typer.echo(f"    $ {_serve_line(cluster, 'n6')}")
-        ok &= _watch_moves(cluster, lambda s: not s.moves and "n6" in _members(s), "n6's moves")
-        status = cluster.status()
-        full = all(len(sh.replicas) == 3 for sh in status.shards)
-        typer.echo(f"    every shard at 3 replicas: {'yes' if full else 'NO'}")
-        typer.echo(f"    replicas per node: {_replica_counts(status)}")
-        ok &= full
-        typer.echo(_status_table(cluster))
+    say("Killing n3 for good (SIGKILL, data dir deleted), then replacing it")
+    lost_disk = cluster.nodes["n3"].data_dir
+    cluster.forget_node("n3")
+    shutil.rmtree(lost_disk, ignore_errors=True)
+    typer.echo("    $ raftkv admin member remove n3 --dead")
+    asyncio.run(_admin(cluster, lambda c: c.member_remove("n3", dead=True)))
+    ok &= _watch_moves(cluster, lambda s: "n3" not in _members(s) and not s.moves, "n3")
+    cluster.add_node("n6")
+    typer.echo(f"    $ {_serve_line(cluster, 'n6')}")
+    ok &= _watch_moves(cluster, lambda s: not s.moves and "n6" in _members(s), "n6's moves")
+    status = cluster.status()
+    full = all(len(sh.replicas) == 3 for sh in status.shards)
+    typer.echo(f"    every shard at 3 replicas: {'yes' if full else 'NO'}")
+    typer.echo(f"    replicas per node: {_replica_counts(status)}")
+    ok &= full
+    typer.echo(_status_table(cluster))
 
-        say(f"Reading all {keys} keys back")
-        intact = asyncio.run(_count_intact(cluster.running_endpoints(), keys))
-        typer.echo(f"    {intact}/{keys} keys intact")
-        ok &= intact == keys
-        say("Stopping every node")
-    if directory is None:
-        shutil.rmtree(work, ignore_errors=True)
-    if not ok:
-        typer.secho("demo FAILED: see the lines above", fg="red", err=True)
-        raise typer.Exit(1)
-    typer.secho("\ndemo OK: the cluster grew, shrank and healed; no key was lost", fg="green")
+    say(f"Reading all {keys} keys back")
+    intact = asyncio.run(_count_intact(cluster.running_endpoints(), keys))
+    typer.echo(f"    {intact}/{keys} keys intact")
+    ok &= intact == keys
+    return ok
 
 
 async def _admin(cluster: LocalCluster, call: Callable[[Client], Awaitable[object]]) -> None:
