@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -48,6 +49,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from typing import TYPE_CHECKING, Any, Protocol
 
+import grpc
 from hdrh.histogram import HdrHistogram
 
 if TYPE_CHECKING:
@@ -163,6 +165,72 @@ class RaftKVTarget:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+class PlainTarget:
+    """raftkv as any gRPC client sees it (grpcurl, a Go or Java stub): one RPC per operation
+    to the next node in turn, no leader awareness, no batching, no retries. A node that does
+    not lead the key's shard forwards the request; this is the load issue #9 measures."""
+
+    def __init__(
+        self, endpoints: str, stale: bool, tls: ClientTLS | None, token: str | None
+    ) -> None:
+        from raftkv._pb.raftkv.v1 import kv_pb2, kv_pb2_grpc
+        from raftkv.client import parse_endpoints
+        from raftkv.network import Dialer
+
+        self.pb = kv_pb2
+        dialer = Dialer(tls, token)
+        self.metadata = dialer.metadata
+        self.channels = [dialer.channel(ep) for ep in parse_endpoints(endpoints)]
+        self._stubs = itertools.cycle([kv_pb2_grpc.KVStub(ch) for ch in self.channels])
+        self.consistency = kv_pb2.STALE if stale else kv_pb2.LINEARIZABLE
+        self.timeout = 5.0
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        request = self.pb.PutRequest(key=key, value=value)
+        await next(self._stubs).Put(request, timeout=self.timeout, metadata=self.metadata)
+
+    async def get(self, key: bytes) -> int | None:
+        request = self.pb.GetRequest(key=key, consistency=self.consistency)
+        try:
+            reply = await next(self._stubs).Get(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return int(reply.version)
+
+    async def cas(self, key: bytes, value: bytes, expected_version: int) -> bool:
+        request = self.pb.CompareAndSwapRequest(
+            key=key, value=value, expected_version=expected_version
+        )
+        try:
+            await next(self._stubs).CompareAndSwap(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return False
+            raise
+        return True
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+
+
+@dataclass(frozen=True)
+class PlainTargetFactory:
+    endpoints: str
+    stale: bool = False
+    tls: ClientTLS | None = None
+    token: str | None = None
+
+    def __call__(self) -> PlainTarget:
+        return PlainTarget(self.endpoints, self.stale, self.tls, self.token)
 
 
 @dataclass(frozen=True)
@@ -735,14 +803,16 @@ def run_cli(
     batching: bool = True,
     tls: ClientTLS | None = None,
     token: str | None = None,
+    plain: bool = False,
 ) -> dict[str, Any]:
-    """What ``raftkv bench`` does: run against raftkv and print text, or one JSON object."""
-    factory = RaftKVTargetFactory(
-        endpoints,
-        stale=consistency == Consistency.stale,
-        batching=batching,
-        tls=tls,
-        token=token,
+    """What ``raftkv bench`` does: run against raftkv and print text, or one JSON object.
+
+    ``plain``: drive it as a plain gRPC client would (see :class:`PlainTarget`)."""
+    stale = consistency == Consistency.stale
+    factory: TargetFactory = (
+        PlainTargetFactory(endpoints, stale, tls, token)
+        if plain
+        else RaftKVTargetFactory(endpoints, stale=stale, batching=batching, tls=tls, token=token)
     )
     server_cpu = (lambda: proc_cpu_seconds(server_pids)) if server_pids else None
     summary = run(
@@ -750,7 +820,11 @@ def run_cli(
         factory,
         progress=not as_json,
         server_cpu=server_cpu,
-        extra={"target": "raftkv", "consistency": str(consistency), "endpoints": endpoints},
+        extra={
+            "target": "raftkv-plain" if plain else "raftkv",
+            "consistency": str(consistency),
+            "endpoints": endpoints,
+        },
     )
     print(json.dumps(summary) if as_json else render_text(summary), flush=True)
     return summary
@@ -760,6 +834,8 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "Consistency",
+    "PlainTarget",
+    "PlainTargetFactory",
     "RaftKVTarget",
     "RaftKVTargetFactory",
     "Target",

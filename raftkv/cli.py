@@ -1198,6 +1198,15 @@ def bench(
             "client behaviour); --no-batching sends one RPC per operation."
         ),
     ] = True,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain",
+            help="Drive the cluster as any gRPC client would: one RPC per operation to each "
+            "endpoint in turn, no leader awareness, no batching, no retries (requests for "
+            "shards led elsewhere are forwarded by the node).",
+        ),
+    ] = False,
     batch: Annotated[
         int,
         typer.Option(
@@ -1300,6 +1309,7 @@ def bench(
             as_json=as_json,
             server_pids=pids,
             batching=batching,
+            plain=plain,
             tls=ClientTLS(cacert) if cacert else None,
             token=token or (token_file.read_text().strip() if token_file else None),
         )

@@ -53,10 +53,17 @@ def run_bench(cluster: LocalCluster, *args: str) -> dict[str, object]:
     return result
 
 
-@pytest.mark.parametrize("workload", ["put", "mixed"])
-def test_bench_json_against_a_local_cluster(bench_cluster: LocalCluster, workload: str) -> None:
-    r = run_bench(bench_cluster, "--workload", workload)
+@pytest.mark.parametrize(
+    ("workload", "client"), [("put", "raftkv"), ("mixed", "raftkv"), ("mixed", "plain")]
+)
+def test_bench_json_against_a_local_cluster(
+    bench_cluster: LocalCluster, workload: str, client: str
+) -> None:
+    r = run_bench(
+        bench_cluster, "--workload", workload, *(["--plain"] if client == "plain" else [])
+    )
     assert r["workload"] == workload
+    assert r["target"] == ("raftkv-plain" if client == "plain" else "raftkv")
     assert isinstance(r["ops"], int) and r["ops"] > 0
     assert isinstance(r["ops_per_s"], float) and r["ops_per_s"] > 0
     errors = r["errors"]
