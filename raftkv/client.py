@@ -311,11 +311,13 @@ class Client:
         return admin_grpc.AdminStub(self._channel(endpoint))
 
     async def view(self) -> admin.ClusterView:
-        """The cluster view (nodes, placement, epoch) as the node asked holds it."""
+        """The cluster view (nodes, placement, epoch), read linearizably from the meta group:
+        it reflects every membership change acknowledged before the call."""
+        request = admin.GetViewRequest(linearizable=True)
         reply: admin.ClusterView = await self._call(
             None,
             lambda ep: self._admin(ep).GetView(
-                admin.GetViewRequest(), timeout=self.attempt_timeout, metadata=self._meta()
+                request, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
         return reply

@@ -735,8 +735,28 @@ class AdminService:
             ),
         ]
 
-    async def get_view(self, _request: Any, _context: Context, _caller: Caller) -> Any:
-        return self.node.view.to_proto()
+    async def get_view(
+        self, request: admin.GetViewRequest, context: Context, caller: Caller
+    ) -> Any:
+        if not request.linearizable:
+            return self.node.view.to_proto()
+        deadline = _deadline(context, self.node.settings.proposal_timeout_s)
+
+        async def local(replica: Replica) -> ClusterView:
+            view, _ = await self.store.read(replica, max(0.1, deadline - time.monotonic()))
+            return view
+
+        async def remote(peer: Peer, timeout: float) -> ClusterView:
+            md = caller.forward_metadata
+            return ClusterView.from_proto(
+                await peer.admin.GetView(request, timeout=timeout, metadata=md)
+            )
+
+        view = await self.node.route(
+            META_SHARD, local, remote, forwarded=caller.forwarded, deadline=deadline
+        )
+        await self.node.apply_view(view)
+        return view.to_proto()
 
     async def _at_meta_leader(
         self,

@@ -56,8 +56,10 @@ class ClusterView(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ..., epoch: _Optional[int] = ..., shards: _Optional[int] = ..., replicas: _Optional[int] = ..., vnodes: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeEntry, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., meta: _Optional[_Union[ShardPlacement, _Mapping]] = ...) -> None: ...
 
 class GetViewRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("linearizable",)
+    LINEARIZABLE_FIELD_NUMBER: _ClassVar[int]
+    linearizable: bool
+    def __init__(self, linearizable: _Optional[bool] = ...) -> None: ...
 
 class MemberAddRequest(_message.Message):
     __slots__ = ("id", "grpc", "raft")
