@@ -780,7 +780,14 @@ def member_list(
     output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
 ) -> None:
     """The nodes: id, addresses, state, reachable, replica count, meta group member."""
-    s = _run(lambda c: c.status())
+
+    async def current_status(c: Client) -> kv.StatusResponse:
+        # The view first, linearizably: the status request then carries its epoch, and a
+        # node whose copy is older refreshes it before answering.
+        await c.view()
+        return await c.status()
+
+    s = _run(current_status)
     if output == Output.json:
         doc = {"epoch": s.epoch, "members": members_dict(s), "moves": list(s.moves)}
         typer.echo(json.dumps(doc, indent=2))

@@ -320,6 +320,8 @@ class Client:
                 request, timeout=self.attempt_timeout, metadata=self._meta()
             ),
         )
+        # Later requests carry this epoch, so a node behind it refreshes before it answers.
+        self.epoch = max(self.epoch, reply.epoch)
         return reply
 
     async def member_add(
