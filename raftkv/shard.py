@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pysyncobj import FAIL_REASON, SyncObjConf
 from pysyncobj.node import Node
@@ -65,6 +65,7 @@ from raftkv.statemachine import Entry, StateMachine
 from raftkv.throttle import Throttle
 
 log = logging.getLogger("raftkv.shard")
+T = TypeVar("T")
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 SLOW_PROPOSAL_S = 1.0
@@ -317,16 +318,8 @@ class ShardReplica:
         future: asyncio.Future[int | None] = loop.create_future()
         future.add_done_callback(_consume_outcome)
 
-        def settle(value: int | RaftKVError | None) -> None:
-            if future.done():
-                return
-            if isinstance(value, RaftKVError):
-                future.set_exception(value)
-            else:
-                future.set_result(value)
-
         def answer(value: int | RaftKVError | None) -> None:  # Raft thread
-            loop.call_soon_threadsafe(settle, value)
+            loop.call_soon_threadsafe(_resolve, future, value)
 
         self._driver.call_soon(lambda: self._start_read_round(answer))
         try:
@@ -530,22 +523,14 @@ class ShardReplica:
         future: asyncio.Future[list[str]] = loop.create_future()
         deadline = time.monotonic() + timeout
 
-        def settle(result: list[str] | RaftKVError) -> None:
-            if future.done():
-                return
-            if isinstance(result, RaftKVError):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
         def propose() -> None:  # Raft thread
             g = self._group
             if not g._isLeader() or self._failed:
-                loop.call_soon_threadsafe(settle, self.not_leader())
+                loop.call_soon_threadsafe(_resolve, future, self.not_leader())
                 return
             members = g.members()
             if (node_id in members) != remove:
-                loop.call_soon_threadsafe(settle, members)
+                loop.call_soon_threadsafe(_resolve, future, members)
                 return
             if remove and node_id == self.node_id:
                 # A leader cannot remove itself: hand leadership to the voter that is most
@@ -555,7 +540,8 @@ class ShardReplica:
                 if successor:
                     g.transferLeadership(Node(successor), None)
                 loop.call_soon_threadsafe(
-                    settle,
+                    _resolve,
+                    future,
                     Unavailable(
                         f"shard {self.shard_id}: handing leadership to {successor or 'another'}"
                         f" replica before removing {node_id}; retry there",
@@ -566,7 +552,8 @@ class ShardReplica:
                 return
             if g.change_pending():
                 loop.call_soon_threadsafe(
-                    settle,
+                    _resolve,
+                    future,
                     Unavailable(
                         f"shard {self.shard_id}: another membership change is still committing",
                         shard_id=self.shard_id,
@@ -576,10 +563,11 @@ class ShardReplica:
 
             def done(_result: Any, error: int) -> None:
                 if error == FAIL_REASON.SUCCESS:
-                    loop.call_soon_threadsafe(settle, g.members())
+                    loop.call_soon_threadsafe(_resolve, future, g.members())
                 else:
                     loop.call_soon_threadsafe(
-                        settle,
+                        _resolve,
+                        future,
                         Unavailable(
                             f"shard {self.shard_id}: membership change failed ({error})",
                             shard_id=self.shard_id,
@@ -807,12 +795,10 @@ class ShardReplica:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, dict[bytes, Entry]]] = loop.create_future()
 
-        def settle(value: tuple[int, dict[bytes, Entry]]) -> None:
-            if not future.done():
-                future.set_result(value)
-
         def take() -> None:
-            loop.call_soon_threadsafe(settle, (self._group.last_applied(), self.machine.items()))
+            loop.call_soon_threadsafe(
+                _resolve, future, (self._group.last_applied(), self.machine.items())
+            )
 
         self.dirty = True
         self._driver.call_soon(take)
@@ -825,6 +811,16 @@ class ShardReplica:
 def _consume_outcome(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _resolve(future: asyncio.Future[T], value: T | RaftKVError) -> None:
+    """Settle ``future`` with a value or one of our errors, unless its waiter gave up."""
+    if future.done():
+        return
+    if isinstance(value, RaftKVError):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 def _settle(
