@@ -198,12 +198,16 @@ def serve(
     proposal_timeout: Annotated[
         float, typer.Option(help="Seconds a write (or read barrier) may take to commit.")
     ] = 5.0,
-    fsync: Annotated[
+    unsafe_no_fsync: Annotated[
         bool,
         typer.Option(
-            help="fsync the journal before an entry counts toward a commit (one fsync per "
-            "batch of entries), so acknowledged writes survive power loss. Off: they survive "
-            "process crashes only (the page cache holds them)."
+            "--unsafe-no-fsync",
+            help="UNSAFE: do not fsync the Raft journal. By default an entry counts toward a "
+            "commit only once a quorum has it on disk (group commit on a dedicated fsync "
+            "thread), so acknowledged writes survive power loss of every node. With this "
+            "flag they survive process crashes only: a power loss or kernel crash of a "
+            "majority at once can lose acknowledged writes. For benchmarks and throwaway "
+            "clusters.",
         ),
     ] = False,
     secret_file: Annotated[
@@ -360,7 +364,7 @@ def serve(
         leader_wait_s=leader_wait,
         proposal_timeout_s=proposal_timeout,
         raft=RaftTuning(
-            fsync=fsync,
+            fsync=not unsafe_no_fsync,
             log_compaction_entries=log_compaction_entries,
             read_index=read_path is ReadPath.read_index,
         ),
@@ -891,7 +895,7 @@ def local_up(
         typer.Option(
             "--serve-arg",
             help="An argument for every `raftkv serve` (repeat it), for example "
-            "--serve-arg=--read-path=log-barrier or --serve-arg=--fsync.",
+            "--serve-arg=--read-path=log-barrier or --serve-arg=--unsafe-no-fsync.",
         ),
     ] = None,
 ) -> None:

@@ -237,9 +237,10 @@ class RaftTuning:
     # Linearizable reads by ReadIndex (a heartbeat round confirms leadership, no log entry);
     # False: every batch of reads commits a barrier entry (--read-path log-barrier).
     read_index: bool = True
-    # fsync the journal before an entry counts toward a commit (group commit: one fsync per
-    # batch of appended entries), and term/vote before they are used. Survives power loss.
-    fsync: bool = False
+    # fsync the journal before an entry counts toward a commit (group commit on the node's
+    # fsync thread), and term/vote before they are used: acknowledged writes survive power
+    # loss. False only with `serve --unsafe-no-fsync`.
+    fsync: bool = True
 
 
 @dataclass(frozen=True)

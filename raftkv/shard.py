@@ -160,10 +160,16 @@ class ShardReplica:
         if storage.snapshot is not None:
             g._SyncObj__loadDumpFile(clearJournal=False)
         g._SyncObj__needLoadDumpFile = False
+        # fsync mode (see raftkv.raft.flusher): appends are synced on the node's fsync thread;
+        # a follower holds back replies acknowledging entries not synced yet, and the leader
+        # counts its own log toward a commit only as far as it is synced.
         self._fsync = tuning.fsync
+        self._flusher = driver.flusher
+        self._held_acks: list[tuple[Node, dict[str, Any], int, int | None, int]] = []
+        self._sync_error: StorageError | None = None
         if self._fsync:
-            # A follower acknowledges appended entries only once they are on disk.
-            self._transport.before_send = self._sync_before_ack
+            g.stable_index = lambda: self._journal.stored_index
+            self._transport.hold = self._hold_unstable_ack
         # The driver polls the shared sockets once per loop; pysyncobj's own poll at the end of
         # every group's tick would only repeat that syscall eight times over.
         g._poller = NO_POLL
@@ -214,6 +220,9 @@ class ShardReplica:
         g = self._group
         if self._recovering or self._joining:
             g.hold_elections()
+        if self._sync_error is not None:
+            self.storage_failed(self._sync_error)
+            return False
         try:
             g.doTick(0.0)
             index = g.log_index()
@@ -221,11 +230,12 @@ class ShardReplica:
             self._last_log_index = index
             if busy:
                 self._journal.keep_room()
-            if self._fsync and busy:
-                # The leader counts its own log toward every commit: sync this tick's appends
-                # (all proposals that arrived since the last tick, one fsync) before any
-                # AppendEntries or commit can use them.
-                self._journal.sync()
+                if self._fsync:
+                    # Every append since the last request (this tick's proposals, or what a
+                    # leader sent us) shares the fsync thread's next round.
+                    self._flusher.request(self._journal, self._synced)
+            if self._held_acks:
+                self._release_acks()
             if g._isLeader() and index > self._sent_index:
                 # Group commit with one append in flight: send new entries now if everything
                 # sent before has committed; otherwise they wait for the acks (which mark this
@@ -611,9 +621,39 @@ class ShardReplica:
 
     # -- durability ------------------------------------------------------------------------
 
-    def _sync_before_ack(self, message: Any) -> None:
-        if message.get("type") == "next_node_idx":
-            self._journal.sync()
+    def _hold_unstable_ack(self, node: Node, message: dict[str, Any]) -> bool:
+        """Keep back a reply that acknowledges entries not on disk yet (Raft thread)."""
+        if not message.get("success"):
+            return False
+        acked = int(message["next_node_idx"]) - 1
+        if acked <= self._journal.stored_index:
+            return False
+        g = self._group
+        self._held_acks.append((node, message, acked, g.entry_term(acked), g.raftCurrentTerm))
+        self._flusher.request(self._journal, self._synced)
+        return True
+
+    def _release_acks(self) -> None:
+        """Send the held replies whose entries are now synced. One whose term has moved on or
+        whose entry was replaced meanwhile is dropped: it would acknowledge a log we no
+        longer hold (the leader's next AppendEntries finds out the truth)."""
+        stored = self._journal.stored_index
+        g = self._group
+        term = g.raftCurrentTerm
+        waiting = []
+        for held in self._held_acks:
+            node, message, acked, entry_term, at_term = held
+            if acked > stored:
+                waiting.append(held)
+            elif at_term == term and g.entry_term(acked) == entry_term:
+                self._transport.send_held(node, message)
+        self._held_acks = waiting
+
+    def _synced(self, error: StorageError | None) -> None:
+        """The fsync thread synced our journal (or failed to): tick soon."""
+        if error is not None:
+            self._sync_error = error
+        self.dirty = True
 
     def _mark_dirty(self) -> None:
         self.dirty = True

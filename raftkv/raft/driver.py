@@ -29,6 +29,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE, createPoller
 
 from raftkv.config import RaftTuning
 from raftkv.errors import Overloaded
+from raftkv.raft.flusher import Flusher
 from raftkv.raft.link import LinkLimits, LinkSecurity
 from raftkv.raft.transport import MuxTransport
 from raftkv.throttle import Throttle
@@ -93,18 +94,22 @@ class RaftDriver:
         self._calls: queue.Queue[Callable[[], None]] = queue.Queue(MAX_QUEUED_CALLS)
         self._woken = False
         self._throttle = Throttle(interval_s=10.0)
+        # Group commit for every journal of this node, off this thread (fsync mode).
+        self.flusher = Flusher(self.wake)
 
     def add(self, replica: ShardReplica) -> None:
         self._replicas.append(replica)
 
     def start(self) -> None:
         self.transport.bind()
+        self.flusher.start()
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self.wake()
         self._thread.join(timeout)
+        self.flusher.stop(timeout)
 
     def wake(self) -> None:
         """Make the Raft thread poll return now. Callers set their dirty flag first."""

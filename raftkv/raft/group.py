@@ -9,6 +9,7 @@ Raft and replaces what we own, through pysyncobj's name-mangled methods:
 * membership entries are our ``ConfChange`` protobuf (:mod:`raftkv.raft.conf_change`);
 * snapshots are installed from our checksummed files (:mod:`raftkv.raft.snapshot`), keeping
   the log after the snapshot when Raft's InstallSnapshot rule allows it;
+* in fsync mode a leader's commit index counts its own log only as far as it is synced;
 * a leader's nextIndex is never moved back by a late reply to a pipelined AppendEntries, and
   one AppendEntries carries at most :data:`APPEND_BATCH_BYTES` of entries.
 
@@ -23,6 +24,7 @@ Everything here runs on the node's Raft thread (:mod:`raftkv.raft.driver`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj as pysyncobj_core
@@ -58,7 +60,41 @@ class RaftGroup(SyncObj):  # type: ignore[misc]
         self._shard_id = shard_id
         self._machine = machine
         self._storage = storage
+        # fsync mode: how far this replica's own log is on stable storage (the journal's
+        # stored_index). None: the leader's whole log counts, as in pysyncobj.
+        self.stable_index: Callable[[], int] | None = None
+        self._commit_before_tick = 0
         super().__init__(*a, **kw)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        self._commit_before_tick = int(self._SyncObj__raftCommitIndex)
+        SyncObj._onTick(self, timeToWait)
+
+    # pysyncobj's leader advances its commit index counting its own log as stored (``count =
+    # 1``), but with the fsync on its own thread the leader's newest entries may still be in
+    # the page cache. Its tick applies entries right after that count: first pull the commit
+    # index back to what a quorum holds on stable storage, the leader counting only its synced
+    # entries, and only to an entry of the current term (Raft §5.4.2), else to where it was.
+    def _SyncObj__applyLogEntries(self) -> Any:
+        if self.stable_index is not None and self._isLeader():
+            self._count_only_stable_entries(self.stable_index())
+        return SyncObj._SyncObj__applyLogEntries(self)
+
+    def _count_only_stable_entries(self, stable: int) -> None:
+        commit = int(self._SyncObj__raftCommitIndex)
+        if commit <= stable:
+            return
+        match = self._SyncObj__raftMatchIndex
+        allowed = stable_commit(
+            commit,
+            self._commit_before_tick,
+            [stable, *(int(match.get(n, 0)) for n in self._SyncObj__otherNodes)],
+            self.entry_term,
+            int(self.raftCurrentTerm),
+        )
+        self._SyncObj__raftCommitIndex = allowed
+        self._SyncObj__leaderCommitIndex = allowed
+        self._SyncObj__raftLog.setRaftCommitIndex(allowed)
 
     # pysyncobj applies entries through this name-mangled method. REGULAR entries go to our
     # state machine (raw bytes, never unpickled) with their log index; NO_OP does nothing.
@@ -200,6 +236,27 @@ class RaftGroup(SyncObj):  # type: ignore[misc]
     def hold_elections(self) -> None:
         """Keep this replica from campaigning (it is recovering): push its timer out."""
         self._SyncObj__raftElectionDeadline = pysyncobj_clock() + 3600.0
+
+
+def stable_commit(
+    counted: int,
+    before: int,
+    stored: list[int],
+    entry_term: Callable[[int], int | None],
+    term: int,
+) -> int:
+    """The commit index a leader may use, given what each voter holds on stable storage.
+
+    ``counted``: what pysyncobj counted (the leader's whole log as stored); ``before``: the
+    commit index before this tick; ``stored``: every voter's synced index, the leader's own
+    included. The answer is the highest index a quorum has stored, if it is an entry of the
+    current term (Raft §5.4.2) and not past ``counted``; otherwise ``before``.
+    """
+    quorum = sorted(stored, reverse=True)[len(stored) // 2]
+    allowed = min(quorum, counted)
+    if allowed <= before or entry_term(allowed) != term:
+        return before
+    return allowed
 
 
 # pysyncobj builds its journal from conf.journalFile; ours is handed over as that object.

@@ -24,8 +24,10 @@ implements the same pysyncobj ``Journal`` interface with:
   record are that preallocated space (or data a crash never wrote), not corruption.
 * **Compaction writes a new file and renames it** over the old one (fsyncing the new file and
   the directory), so a crash at any point leaves one complete journal.
-* **Group commit**: :meth:`Journal.sync` is one ``fsync`` for everything appended since the
-  last one; the shard calls it before acknowledging (see ``shard.py``).
+* **Group commit**: :meth:`Journal.sync` is one ``fdatasync`` for everything appended since the
+  last one. The node's flusher thread (:mod:`raftkv.raft.flusher`) calls it, so the Raft thread
+  never waits for the disk; :attr:`Journal.stored_index` says how far the log is durable, and
+  the shard counts and acknowledges entries only up to there (see ``shard.py``).
 
 The term/vote/commit-index state lives in ``meta.json`` (:class:`MetaStore`): JSON with a
 CRC, replaced atomically and fsynced on every term or vote change. A failure to save it raises
@@ -42,6 +44,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,10 @@ class MetaWriteError(StorageError):
     """The term/vote could not be made durable: the replica must stop."""
 
 
+class SyncFailed(StorageError):
+    """An fsync of the journal failed: what is on disk is unknown, the replica must stop."""
+
+
 def _zeros_from(data: bytes, offset: int) -> bool:
     return data.count(0, offset) == len(data) - offset
 
@@ -98,7 +105,9 @@ def _describe_os_error(e: OSError) -> str:
 
 
 class Journal(PysyncobjJournal):  # type: ignore[misc]
-    """The log of one replica. All methods run on the Raft thread."""
+    """The log of one replica. All methods run on the Raft thread, except :meth:`sync`, which
+    the flusher thread runs; ``_lock`` keeps it off a file descriptor being replaced, closed or
+    truncated under it."""
 
     def __init__(
         self,
@@ -129,6 +138,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._size = HEADER_BYTES
         self._allocated = HEADER_BYTES  # file size, preallocated space included
         self._unsynced = False
+        self._lock = threading.Lock()
         self._open()
         self.existed = bool(self._entries)
         self._synced_index = self.last_index
@@ -146,6 +156,9 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             raise StorageError(f"{self._what}: cannot read {self.path}: {e}") from e
         self._parse(data)
         self._fd = os.open(self.path, os.O_RDWR)
+        # What a killed process left may still be only in the page cache: make it as durable
+        # as it is about to be taken for (stored_index starts at the last entry).
+        os.fsync(self._fd)
         self._allocated = len(data)
         if self._torn_span is not None:
             # Zero the torn record: appends start on clean, still allocated space.
@@ -322,17 +335,21 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         if entryFrom >= len(self._entries):
             return
         new_size = self._offsets[entryFrom]
-        try:
-            os.ftruncate(self._fd, new_size)
-        except OSError as e:
-            raise JournalWriteError(
-                f"{self._what}: cannot truncate {self.path}: {_describe_os_error(e)}",
-                no_space=False,
-            ) from e
-        del self._entries[entryFrom:]
-        del self._offsets[entryFrom:]
-        self._size = self._allocated = new_size
-        self._unsynced = True
+        with self._lock:
+            try:
+                os.ftruncate(self._fd, new_size)
+            except OSError as e:
+                raise JournalWriteError(
+                    f"{self._what}: cannot truncate {self.path}: {_describe_os_error(e)}",
+                    no_space=False,
+                ) from e
+            del self._entries[entryFrom:]
+            del self._offsets[entryFrom:]
+            self._size = self._allocated = new_size
+            self._unsynced = True
+            # Entries past the cut are gone; the same indexes appended again are new entries
+            # that must be synced in their turn.
+            self._synced_index = min(self._synced_index, self.last_index)
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Compaction: keep the entries from position ``entryTo`` on, in a new file."""
@@ -366,27 +383,38 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
                 f"{self._what}: cannot rewrite {self.path}: {_describe_os_error(e)}",
                 no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
             ) from e
-        os.close(self._fd)
-        self._fd = fd
-        self._entries = list(entries)
-        self._offsets = offsets
-        self._size = self._allocated = size
-        self._unsynced = False
-        self._synced_index = self.last_index
+        with self._lock:
+            os.close(self._fd)
+            self._fd = fd
+            self._entries = list(entries)
+            self._offsets = offsets
+            self._size = self._allocated = size
+            self._unsynced = False
+            self._synced_index = self.last_index
 
-    def sync(self) -> None:
-        """Group commit: one fsync makes every append since the last one durable."""
-        if not self._unsynced:
-            return
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise JournalWriteError(
-                f"{self._what}: fsync of {self.path} failed: {_describe_os_error(e)}",
-                no_space=e.errno in (errno.ENOSPC, errno.EDQUOT),
-            ) from e
-        self._unsynced = False
-        self._synced_index = self.last_index
+    def sync(self) -> bool:
+        """Group commit: one fdatasync makes every append since the last one durable. True if
+        it synced anything. Runs on the flusher thread (or the Raft thread at start-up).
+
+        Ordering with :meth:`add` on the Raft thread: the flag is cleared *before* the last
+        index is read, and ``add`` writes the record before the index appears and sets the flag
+        after, so a record either counts toward this sync (it was written before the
+        fdatasync started) or leaves the flag set for the next one."""
+        with self._lock:
+            if not self._unsynced or self._fd < 0:
+                return False
+            self._unsynced = False
+            target = self.last_index
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                # Linux may drop the failed pages and report success to the next fsync: the
+                # caller must stop this replica, not retry (PostgreSQL's "fsyncgate").
+                raise SyncFailed(
+                    f"{self._what}: fsync of {self.path} failed: {_describe_os_error(e)}"
+                ) from e
+            self._synced_index = max(self._synced_index, target)
+            return True
 
     @property
     def stored_index(self) -> int:
@@ -397,10 +425,11 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self.sync()
 
     def _destroy(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = -1
 
     # Term, vote and commit index: pysyncobj keeps them with the journal.
 

@@ -95,8 +95,9 @@ class ShardTransport(Transport):  # type: ignore[misc]
         self.peers = peers
         # Tells the Raft thread this group has news and needs a tick soon.
         self._on_activity = on_activity
-        # Runs before any message leaves (the fsync mode makes appends durable there).
-        self.before_send: Callable[[Any], None] | None = None
+        # fsync mode: may keep a reply back (True) until the entries it acknowledges are on
+        # disk; the replica sends it later with send_held.
+        self.hold: Callable[[Node, dict[str, Any]], bool] | None = None
         # ReadIndex (see ShardReplica): a leader stamps what it sends with its current read
         # round; a follower echoes, in its reply, the round of the last AppendEntries it got
         # from that peer; a leader keeps the highest round each peer has echoed.
@@ -114,13 +115,16 @@ class ShardTransport(Transport):  # type: ignore[misc]
         )
 
     def send(self, node: Node, message: Any) -> bool:
-        if self.before_send is not None:
-            self.before_send(message)
         kind = message.get("type")
         if kind == "append_entries":
             message["read_round"] = self.read_round
         elif kind == "next_node_idx":
             message["read_round"] = self._echo.get(node.id, 0)
+            if self.hold is not None and self.hold(node, message):
+                return True
+        return self._mux.send(node.id, self.shard_id, message)
+
+    def send_held(self, node: Node, message: dict[str, Any]) -> bool:
         return self._mux.send(node.id, self.shard_id, message)
 
     # pysyncobj calls these when a membership change is appended (or undone): messages from a

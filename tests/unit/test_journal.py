@@ -263,3 +263,26 @@ def test_a_received_snapshot_that_fails_its_check_never_replaces_ours(tmp_path: 
     assert ours.read_bytes() == before
     assert receiver.setTransmissionData((good, True, True)) is True
     assert snapfile.read_snapshot(ours, "x").last_applied.index == 20
+
+
+def test_sync_makes_appends_stored_and_a_truncation_takes_them_back(tmp_path: Path) -> None:
+    j = Journal(
+        tmp_path / "journal.bin",
+        MetaStore(tmp_path / "meta.json", what="t"),
+        what="t",
+        durable=True,
+    )
+    for i in range(1, 6):
+        j.add(b"\x00cmd-%d" % i, i, 1)
+    assert j.stored_index == 0  # in the page cache only
+    assert j.sync() is True
+    assert j.stored_index == 5
+    assert j.sync() is False  # nothing new: no fsync at all
+    j.deleteEntriesFrom(3)  # a new leader cut entries 4 and 5
+    assert j.stored_index == 3
+    j.add(b"\x00other-4", 4, 2)
+    assert j.stored_index == 3  # the new entry 4 is not the synced one
+    j.sync()
+    assert j.stored_index == 4
+    j._destroy()
+    assert j.sync() is False  # a closed journal is never fsynced (its fd may be reused)
