@@ -37,6 +37,7 @@ import grpc
 
 from raftkv._pb.raftkv.v1 import admin_pb2 as admin
 from raftkv._pb.raftkv.v1 import admin_pb2_grpc as admin_grpc
+from raftkv._pb.raftkv.v1 import forward_pb2_grpc as fwd_grpc
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv.admission import Gate
@@ -53,6 +54,7 @@ from raftkv.errors import (
     Unavailable,
     rpc_error,
 )
+from raftkv.forwarding import Forwarder
 from raftkv.network import Dialer, is_loopback, node_dialer, peer_contexts
 from raftkv.raft.driver import RaftDriver
 from raftkv.raft.handshake import Secret
@@ -94,6 +96,7 @@ class Peer:
         self._kv: kv_grpc.KVStub | None = None
         self._cluster: kv_grpc.ClusterStub | None = None
         self._admin: admin_grpc.AdminStub | None = None
+        self._forwarding: fwd_grpc.ForwardingStub | None = None
         self.failed_at = 0.0
 
     @property
@@ -107,6 +110,12 @@ class Peer:
         if self._kv is None:
             self._kv = kv_grpc.KVStub(self.channel)
         return self._kv
+
+    @property
+    def forwarding(self) -> fwd_grpc.ForwardingStub:
+        if self._forwarding is None:
+            self._forwarding = fwd_grpc.ForwardingStub(self.channel)
+        return self._forwarding
 
     @property
     def cluster(self) -> kv_grpc.ClusterStub:
@@ -125,7 +134,7 @@ class Peer:
             await self._channel.close(None)
             self._channel = None
             self._kv = self._cluster = None
-            self._admin = None
+            self._admin = self._forwarding = None
 
 
 class Node:
@@ -187,6 +196,7 @@ class Node:
         link_security = self._check_exposure()
         self._dialer = node_dialer(security.grpc_tls, security.peer_tls)
         self.peers: dict[str, Peer] = {}
+        self.forwarder = Forwarder(self)
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
         # {} on a new data dir: a node.json means "this node has been a member", so a shard
@@ -804,6 +814,8 @@ class Node:
         return kv.StatusResponse(
             node=self.id,
             stuck_moves=[f"{group_name(s)}: {why}" for s, why in sorted(self.stuck_moves.items())],
+            forwarded_requests=self.forwarder.calls,
+            forward_batches=self.forwarder.batches,
             shard_count=view.shards,
             vnodes=view.vnodes,
             cluster_fingerprint=self.cluster_id,

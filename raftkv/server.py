@@ -34,7 +34,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 from cryptography import x509
@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 from raftkv import command
 from raftkv._pb.raftkv.v1 import admin_pb2 as admin
 from raftkv._pb.raftkv.v1 import command_pb2 as cpb
+from raftkv._pb.raftkv.v1 import forward_pb2 as fwd
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.admission import RETRY_AFTER_METADATA, Admission
 from raftkv.auth import Authenticator, Identity, Role, parse_bearer, require, role_for
@@ -62,6 +63,13 @@ from raftkv.errors import (
     parse_epoch,
     status_for,
 )
+from raftkv.forwarding import (
+    FORWARD_METHOD,
+    FORWARDING_SERVICE,
+    ForwardedContext,
+    ForwardingService,
+    Runner,
+)
 from raftkv.membership import Mover, ViewStore, change_replicas
 from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
@@ -77,7 +85,8 @@ ADMIN_SERVICE = "raftkv.v1.Admin"
 # Methods one node calls on another on its own behalf (the replica mover, view refresh): a
 # node that vouches for itself (cluster secret or node certificate) needs no token for them.
 NODE_METHODS = frozenset(
-    f"/{ADMIN_SERVICE}/{m}" for m in ("GetView", "PrepareReplica", "ChangeReplicas")
+    {f"/{ADMIN_SERVICE}/{m}" for m in ("GetView", "PrepareReplica", "ChangeReplicas")}
+    | {FORWARD_METHOD}
 )
 _CONSISTENCIES = frozenset(kv.Consistency.values())
 # Requests received but not yet handed to a handler (see server_options).
@@ -106,6 +115,32 @@ def _decoder(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     return decode
 
 
+class Received(Generic[Req]):
+    """A request together with the bytes it came as: forwarded as they are, never re-encoded
+    (see raftkv.forwarding)."""
+
+    __slots__ = ("message", "raw")
+
+    def __init__(self, message: Req, raw: bytes) -> None:
+        self.message = message
+        self.raw = raw
+
+
+def _keeping_bytes(cls: type[Message]) -> Callable[[bytes], Received[Any] | Malformed]:
+    def decode(data: bytes) -> Received[Any] | Malformed:
+        try:
+            return Received(cls.FromString(data), data)
+        except DecodeError:
+            return Malformed(cls.DESCRIPTOR.name, len(data))
+
+    return decode
+
+
+def _serialize(response: Message | bytes) -> bytes:
+    """A reply message, or the bytes a leader serialized it to (passed through as they are)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who sent this request, and the metadata that carries them along when forwarding."""
@@ -113,6 +148,10 @@ class Caller:
     identity: Identity | None  # None when authentication is off
     forward_metadata: tuple[tuple[str, str], ...]
     forwarded: bool
+    # Another node of this cluster proved it sent this request (see Guard._vouched).
+    vouched: bool = False
+    # The caller's `authorization` metadata, passed along when the request is forwarded.
+    authorization: str = ""
 
     def require(self, role: Role, what: str) -> None:
         if self.identity is not None:
@@ -148,6 +187,7 @@ class Guard:
         tls = node.settings.security.grpc_tls
         self._client_certs = tls is not None and tls.client_cert_auth
         self._vouching_possible = self._secret is not None or self._client_certs
+        self.vouching_possible = self._vouching_possible
         self._own_forward = ((FORWARDED_METADATA, self._marker(node.id)),)
         self._cert_nodes: dict[bytes, str | None] = {}
 
@@ -201,9 +241,9 @@ class Guard:
             + (((AUTHORIZATION, token),) if token else ())
         )
         if self.authenticator is None:
-            return Caller(None, forward, forwarded)
+            return Caller(None, forward, forwarded, vouched, token)
         if not token and vouched and self._vouching_possible and method in NODE_METHODS:
-            return Caller(None, forward, forwarded)
+            return Caller(None, forward, forwarded, vouched, token)
         if not token:
             raise Unauthenticated(
                 f"{method} needs a bearer token (metadata 'authorization: Bearer <token>'; "
@@ -211,7 +251,29 @@ class Guard:
             )
         identity = self.authenticator.authenticate(parse_bearer(token))
         require(identity, role_for(method), method)
-        return Caller(identity, forward, forwarded)
+        return Caller(identity, forward, forwarded, vouched, token)
+
+    def forwarded_caller(self, authorization: str, method: str) -> Caller:
+        """The caller of one call a node forwarded in a batch (that node vouched for it)."""
+        return self._caller(authorization, True, method, vouched=True)
+
+    def failure(
+        self, error: Exception, admission: Admission | None = None, method: str = ""
+    ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+        """The status, message and trailers a failed request is answered with (the one place
+        that turns our errors into what a client sees). Call it from an ``except`` block."""
+        if not isinstance(error, RaftKVError):
+            log.exception("internal error in %s", method or "a forwarded call")
+            return grpc.StatusCode.INTERNAL, f"internal error: {error!r}", ()
+        trailers: tuple[tuple[str, str], ...] = ()
+        if isinstance(error, Unavailable):
+            if error.leader and not error.leader_endpoint:
+                error.leader_endpoint = self.node.endpoints.get(error.leader, "")
+            trailers = (*leader_trailers(error), (EPOCH_METADATA, str(self.node.view.epoch)))
+        elif isinstance(error, Overloaded):
+            pool = admission or self.forwarded
+            trailers = ((RETRY_AFTER_METADATA, str(pool.retry_after_ms)),)
+        return status_for(error), str(error), trailers
 
     def wrap(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
         async def handle(request: Any, context: Context) -> Any:
@@ -234,22 +296,13 @@ class Guard:
                     # The caller has seen a newer view: route with it, not with ours.
                     await self.node.ensure_epoch(epoch, timeout=1.0)
                 return await fn(request, context, caller)
-            except RaftKVError as e:
-                if isinstance(e, Unavailable):
-                    if e.leader and not e.leader_endpoint:
-                        e.leader_endpoint = self.node.endpoints.get(e.leader, "")
-                    ours = ((EPOCH_METADATA, str(self.node.view.epoch)),)
-                    context.set_trailing_metadata(leader_trailers(e) + ours)
-                elif isinstance(e, Overloaded):
-                    context.set_trailing_metadata(
-                        ((RETRY_AFTER_METADATA, str(admission.retry_after_ms)),)
-                    )
-                await context.abort(status_for(e), str(e))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
-                log.exception("internal error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+                code, message, trailers = self.failure(e, admission, method)
+                if trailers:
+                    context.set_trailing_metadata(trailers)
+                await context.abort(code, message)
             finally:
                 admission.leave()
             raise AssertionError("unreachable")  # abort() always raises
@@ -263,6 +316,8 @@ class _Method(Generic[Req, Resp]):
     request: type[Message]
     response: type[Message]
     handler: Handler
+    # The handler gets a Received (message and bytes) and may answer with reply bytes.
+    keeps_bytes: bool = False
 
 
 def _node_id_from_pem(pem: bytes) -> str | None:
@@ -332,15 +387,6 @@ async def _served(call: Awaitable[Resp]) -> Resp:
     return resp
 
 
-def _with_id(request: Req, client_id: bytes, seq: int) -> Req:
-    """A copy of ``request`` carrying the request id the write was proposed with, so a
-    forwarded write is deduplicated with its retries. Built only when forwarding."""
-    fwd = type(request)()
-    fwd.CopyFrom(request)  # type: ignore[attr-defined]
-    fwd.request_id.client_id, fwd.request_id.seq = client_id, seq  # type: ignore[attr-defined]
-    return fwd
-
-
 def _check_consistency(value: int) -> bool:
     """True for a stale read; INVALID_ARGUMENT for a value the API does not define."""
     if value not in _CONSISTENCIES:
@@ -385,17 +431,59 @@ class KVService:
         # (forwarding after a failover) are idempotent too.
         self._client_id = os.urandom(16)
         self._seq = itertools.count(1)
+        self.forwarder = node.forwarder
+
+    def _forward(
+        self, method: int, received: Received[Any], caller: Caller, request_id: kv.RequestId | None
+    ) -> Callable[[Peer, float], Awaitable[bytes]]:
+        """Forwards the request's bytes to a peer (see raftkv.forwarding). A write the client
+        sent without a request id carries the one it was given here, appended as a field
+        (protobuf merges it), so the leader deduplicates this node's retries of it."""
+        raw = received.raw
+        if request_id is not None and not received.message.request_id.client_id:
+            raw += type(received.message)(request_id=request_id).SerializeToString()
+        authorization = caller.authorization
+        return lambda peer, t: self.forwarder.call(peer, method, raw, t, authorization)
+
+    def forward_runners(self, guard: Guard) -> dict[int, Runner]:
+        """How the leader runs each forwardable method when it arrives in a Forward batch."""
+
+        def runner(name: str, cls: type[Message], handler: Handler) -> Runner:
+            method = f"/{KV_SERVICE}/{name}"
+            decode = _keeping_bytes(cls)
+
+            async def run(raw: bytes, context: ForwardedContext, authorization: str) -> Any:
+                received = decode(raw)
+                if isinstance(received, Malformed):
+                    raise InvalidArgument(
+                        f"malformed request: {received.size} bytes that do not parse as "
+                        f"{received.message_type}"
+                    )
+                caller = guard.forwarded_caller(authorization, method)
+                return await handler(received, cast(Context, context), caller)
+
+            return run
+
+        return {
+            fwd.FORWARDED_PUT: runner("Put", kv.PutRequest, self.put),
+            fwd.FORWARDED_GET: runner("Get", kv.GetRequest, self.get),
+            fwd.FORWARDED_DELETE: runner("Delete", kv.DeleteRequest, self.delete),
+            fwd.FORWARDED_COMPARE_AND_SWAP: runner(
+                "CompareAndSwap", kv.CompareAndSwapRequest, self.compare_and_swap
+            ),
+        }
 
     def methods(self) -> list[_Method[Any, Any]]:
         return [
-            _Method("Put", kv.PutRequest, kv.PutResponse, self.put),
-            _Method("Get", kv.GetRequest, kv.GetResponse, self.get),
-            _Method("Delete", kv.DeleteRequest, kv.DeleteResponse, self.delete),
+            _Method("Put", kv.PutRequest, kv.PutResponse, self.put, keeps_bytes=True),
+            _Method("Get", kv.GetRequest, kv.GetResponse, self.get, keeps_bytes=True),
+            _Method("Delete", kv.DeleteRequest, kv.DeleteResponse, self.delete, keeps_bytes=True),
             _Method(
                 "CompareAndSwap",
                 kv.CompareAndSwapRequest,
                 kv.CompareAndSwapResponse,
                 self.compare_and_swap,
+                keeps_bytes=True,
             ),
             _Method("PutMany", kv.PutManyRequest, kv.PutManyResponse, self.put_many),
             _Method("GetMany", kv.GetManyRequest, kv.GetManyResponse, self.get_many),
@@ -462,45 +550,49 @@ class KVService:
         resp = await self.node.route(
             shard, local, forward, forwarded=caller.forwarded, deadline=deadline
         )
-        for header in _headers(resp):
-            self.node.learn_leader(header.shard_id, header.leader)
+        if not isinstance(resp, bytes):  # bytes: forwarded to the leader, who answered
+            for header in _headers(resp):
+                self.node.learn_leader(header.shard_id, header.leader)
         return resp
 
-    async def put(self, request: kv.PutRequest, context: Context, caller: Caller) -> Any:
+    async def put(self, received: Received[kv.PutRequest], context: Context, caller: Caller) -> Any:
+        request = received.message
         self.limits.check(request.key, request.value)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.put(request.key, request.value, client_id, seq)
-        md = caller.forward_metadata
+        rid = kv.RequestId(client_id=client_id, seq=seq)
         return await self._write(
             shard,
             data,
             context,
             caller,
-            lambda peer, t: peer.kv.Put(_with_id(request, client_id, seq), timeout=t, metadata=md),
+            self._forward(fwd.FORWARDED_PUT, received, caller, rid),
             lambda r, h: kv.PutResponse(header=h, version=r.version),
         )
 
-    async def delete(self, request: kv.DeleteRequest, context: Context, caller: Caller) -> Any:
+    async def delete(
+        self, received: Received[kv.DeleteRequest], context: Context, caller: Caller
+    ) -> Any:
+        request = received.message
         self.limits.check(request.key)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         client_id, seq = self._request_id(request.request_id)
         data = command.delete(request.key, client_id, seq)
-        md = caller.forward_metadata
+        rid = kv.RequestId(client_id=client_id, seq=seq)
         return await self._write(
             shard,
             data,
             context,
             caller,
-            lambda peer, t: peer.kv.Delete(
-                _with_id(request, client_id, seq), timeout=t, metadata=md
-            ),
+            self._forward(fwd.FORWARDED_DELETE, received, caller, rid),
             lambda r, h: kv.DeleteResponse(header=h, existed=r.existed),
         )
 
     async def compare_and_swap(
-        self, request: kv.CompareAndSwapRequest, context: Context, caller: Caller
+        self, received: Received[kv.CompareAndSwapRequest], context: Context, caller: Caller
     ) -> Any:
+        request = received.message
         self.limits.check(request.key, request.value)
         which = request.WhichOneof("expected")
         if which is None:
@@ -517,7 +609,7 @@ class KVService:
             client_id=client_id,
             seq=seq,
         )
-        md = caller.forward_metadata
+        rid = kv.RequestId(client_id=client_id, seq=seq)
 
         def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.CompareAndSwapResponse:
             if r.code == cpb.CommandResult.PRECONDITION_FAILED:
@@ -533,18 +625,16 @@ class KVService:
             data,
             context,
             caller,
-            lambda peer, t: peer.kv.CompareAndSwap(
-                _with_id(request, client_id, seq), timeout=t, metadata=md
-            ),
+            self._forward(fwd.FORWARDED_COMPARE_AND_SWAP, received, caller, rid),
             reply,
         )
 
-    async def get(self, request: kv.GetRequest, context: Context, caller: Caller) -> Any:
+    async def get(self, received: Received[kv.GetRequest], context: Context, caller: Caller) -> Any:
+        request = received.message
         self.limits.check(request.key)
         stale = _check_consistency(request.consistency)
         shard = self._shard(request.key, request.shard_id if request.HasField("shard_id") else None)
         key = request.key
-        md = caller.forward_metadata
         deadline = self._deadline(context)
 
         def found(replica: Replica, index: int) -> kv.GetResponse:
@@ -567,7 +657,7 @@ class KVService:
         return await self.node.route(
             shard,
             local,
-            lambda peer, t: peer.kv.Get(request, timeout=t, metadata=md),
+            self._forward(fwd.FORWARDED_GET, received, caller, None),
             forwarded=caller.forwarded,
             deadline=deadline,
         )
@@ -876,8 +966,10 @@ def register(server: grpc.aio.Server, guard: Guard, service: str, methods: list[
     handlers = {
         m.name: grpc.unary_unary_rpc_method_handler(
             guard.wrap(f"/{service}/{m.name}", m.handler),
-            request_deserializer=_decoder(m.request),
-            response_serializer=m.response.SerializeToString,
+            request_deserializer=_keeping_bytes(m.request)
+            if m.keeps_bytes
+            else _decoder(m.request),
+            response_serializer=_serialize if m.keeps_bytes else m.response.SerializeToString,
         )
         for m in methods
     }
@@ -928,7 +1020,21 @@ async def serve(
     node.set_node_metadata(guard.node_metadata)
     store = ViewStore(node)
     mover = Mover(node, store)
-    register(server, guard, KV_SERVICE, KVService(node).methods())
+    kv_service = KVService(node)
+    register(server, guard, KV_SERVICE, kv_service.methods())
+    forwarding = ForwardingService(
+        kv_service.forward_runners(guard), guard.failure, guard.vouching_possible
+    )
+
+    async def forward(request: fwd.ForwardRequest, _context: Context, caller: Caller) -> Any:
+        return await forwarding.forward(request, caller.vouched)
+
+    register(
+        server,
+        guard,
+        FORWARDING_SERVICE,
+        [_Method("Forward", fwd.ForwardRequest, fwd.ForwardResponse, forward)],
+    )
     register(server, guard, CLUSTER_SERVICE, ClusterService(node).methods())
     register(server, guard, ADMIN_SERVICE, AdminService(node, store).methods())
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

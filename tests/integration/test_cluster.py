@@ -239,3 +239,43 @@ def test_linearizable_reads_append_to_the_log_only_on_the_barrier_path(
                     assert after >= before + 20
 
         asyncio.run(run())
+
+
+def test_a_plain_client_s_requests_for_other_leaders_travel_coalesced(
+    cluster3: LocalCluster,
+) -> None:
+    """One RPC per operation, all to one node, as a grpcurl or Go stub would send them: the
+    node forwards what other nodes lead in Forward batches, and every reply is right."""
+    status = cluster3.status()
+    entry = status.nodes[0]
+    led_elsewhere = {s.shard_id for s in status.shards if s.leader != entry.id}
+    assert led_elsewhere, "leader balancing gives every node some shards"
+
+    async def run() -> tuple[int, kv.StatusResponse]:
+        async with grpc.aio.insecure_channel(entry.grpc) as channel:
+            stub = kv_grpc.KVStub(channel)
+            keys = [f"plain-{i}".encode() for i in range(300)]
+            puts = await asyncio.gather(
+                *(stub.Put(kv.PutRequest(key=k, value=k[::-1]), timeout=10) for k in keys)
+            )
+            gets = await asyncio.gather(*(stub.Get(kv.GetRequest(key=k), timeout=10) for k in keys))
+            assert [g.value for g in gets] == [k[::-1] for k in keys]
+            assert all(p.version >= 1 for p in puts)
+            remote = sum(1 for p in puts if p.header.shard_id in led_elsewhere)
+            after = await kv_grpc.ClusterStub(channel).Status(
+                kv.StatusRequest(local_only=True), timeout=10
+            )
+            return remote, after
+
+    remote, after = asyncio.run(run())
+    assert remote > 0
+    # every put and linearizable get for a shard led elsewhere was forwarded...
+    assert after.forwarded_requests >= 2 * remote
+    # ...and they shared calls: 600 requests in flight at once do not need 600 Forward calls
+    assert 0 < after.forward_batches < after.forwarded_requests / 2
+
+    async def read_back() -> bytes:
+        async with Client(cluster3.endpoints) as c:
+            return (await c.get(b"plain-7")).value
+
+    assert asyncio.run(read_back()) == b"7-nialp"

@@ -23,10 +23,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raftkv import auth
+from raftkv._pb.raftkv.v1 import forward_pb2 as fwd
+from raftkv._pb.raftkv.v1 import forward_pb2_grpc as fwd_grpc
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
 from raftkv._pb.raftkv.v1 import raft_pb2 as rpb
-from raftkv.errors import PermissionDenied, Unauthenticated
+from raftkv.errors import KeyNotFound, PermissionDenied, Unauthenticated
 from raftkv.raft import handshake as hs
 from raftkv.testing.cluster import LocalCluster, open_fds, rss_mb, wait_for
 
@@ -318,6 +320,36 @@ def test_roles_decide_what_a_token_may_do(secure3: LocalCluster) -> None:
             assert all(r.digest for s in status.shards for r in s.replica_status)
 
     asyncio.run(run())
+
+
+def test_only_nodes_may_send_forward_batches(secure3: LocalCluster) -> None:
+    """Forward runs many requests for one admission slot: a client, even with the admin
+    token, is refused it, and nothing in its batch is applied."""
+    c = secure3
+    put = kv.PutRequest(key=b"smuggled", value=b"x").SerializeToString()
+    batch = fwd.ForwardRequest(
+        calls=[
+            fwd.ForwardedCall(
+                method=fwd.FORWARDED_PUT,
+                request=put,
+                timeout_ms=5000,
+                authorization=c.metadata[0][1],
+            )
+        ]
+        * 3
+    )
+    for node in ("n1", "n2"):
+        with c.channel(node) as ch, pytest.raises(grpc.RpcError) as e:
+            fwd_grpc.ForwardingStub(ch).Forward(batch, timeout=5, metadata=c.metadata)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "for the nodes of this cluster" in (e.value.details() or "")
+
+    async def absent() -> None:
+        async with c.client(timeout=10) as admin:
+            with pytest.raises(KeyNotFound):
+                await admin.get(b"smuggled")
+
+    asyncio.run(absent())
 
 
 async def _digest(client: object) -> kv.StatusResponse:

@@ -18,10 +18,16 @@ from raftkv.errors import (
     status_for,
 )
 from raftkv.node import Node
-from raftkv.server import Caller, KVService
+from raftkv.server import Caller, KVService, Received
 from raftkv.testing.fake_replica import FakeReplica, fake_node
 
 T = TypeVar("T")
+
+
+def received(message: Any) -> Received[Any]:
+    return Received(message, message.SerializeToString())
+
+
 CLIENT = Caller(identity=None, forward_metadata=(), forwarded=False)
 FORWARDED = Caller(identity=None, forward_metadata=(), forwarded=True)
 
@@ -44,12 +50,12 @@ def _service(tmp_path: Path) -> tuple[KVService, Node, dict[int, FakeReplica]]:
 
 def test_put_then_get_at_the_leader(tmp_path: Path) -> None:
     svc, node, fakes = _service(tmp_path)
-    put = _run(svc.put(kv.PutRequest(key=b"k", value=b"v1"), Context(), CLIENT))
+    put = _run(svc.put(received(kv.PutRequest(key=b"k", value=b"v1")), Context(), CLIENT))
     shard = node.shard_for(b"k")
     assert put.version == fakes[shard].index == 1
     assert (put.header.shard_id, put.header.leader, put.header.index) == (shard, "n1", 1)
     assert put.header.leader_endpoint == node.endpoints["n1"]
-    got = _run(svc.get(kv.GetRequest(key=b"k"), Context(), CLIENT))
+    got = _run(svc.get(received(kv.GetRequest(key=b"k")), Context(), CLIENT))
     assert (got.value, got.version) == (b"v1", 1)
     assert got.header.index == 2  # read after the barrier that followed the write
 
@@ -57,17 +63,21 @@ def test_put_then_get_at_the_leader(tmp_path: Path) -> None:
 def test_a_missing_key_is_not_found(tmp_path: Path) -> None:
     svc, _, _ = _service(tmp_path)
     with pytest.raises(KeyNotFound) as e:
-        _run(svc.get(kv.GetRequest(key=b"nope"), Context(), CLIENT))
+        _run(svc.get(received(kv.GetRequest(key=b"nope")), Context(), CLIENT))
     assert status_for(e.value) == grpc.StatusCode.NOT_FOUND
 
 
 def test_compare_and_swap_checks_the_version(tmp_path: Path) -> None:
     svc, _, _ = _service(tmp_path)
-    first = _run(svc.put(kv.PutRequest(key=b"k", value=b"a"), Context(), CLIENT))
+    first = _run(svc.put(received(kv.PutRequest(key=b"k", value=b"a")), Context(), CLIENT))
     with pytest.raises(PreconditionFailed) as e:
         _run(
             svc.compare_and_swap(
-                kv.CompareAndSwapRequest(key=b"k", value=b"b", expected_version=first.version + 7),
+                received(
+                    kv.CompareAndSwapRequest(
+                        key=b"k", value=b"b", expected_version=first.version + 7
+                    )
+                ),
                 Context(),
                 CLIENT,
             )
@@ -76,13 +86,13 @@ def test_compare_and_swap_checks_the_version(tmp_path: Path) -> None:
     assert e.value.current_version == first.version
     swapped = _run(
         svc.compare_and_swap(
-            kv.CompareAndSwapRequest(key=b"k", value=b"b", expected_value=b"a"),
+            received(kv.CompareAndSwapRequest(key=b"k", value=b"b", expected_value=b"a")),
             Context(),
             CLIENT,
         )
     )
     assert swapped.version > first.version
-    got = _run(svc.get(kv.GetRequest(key=b"k"), Context(), CLIENT))
+    got = _run(svc.get(received(kv.GetRequest(key=b"k")), Context(), CLIENT))
     assert (got.value, got.version) == (b"b", swapped.version)
 
 
@@ -91,7 +101,7 @@ def test_compare_and_swap_on_an_absent_key_says_so(tmp_path: Path) -> None:
     with pytest.raises(PreconditionFailed, match="key absent"):
         _run(
             svc.compare_and_swap(
-                kv.CompareAndSwapRequest(key=b"new", value=b"x", expected_version=3),
+                received(kv.CompareAndSwapRequest(key=b"new", value=b"x", expected_version=3)),
                 Context(),
                 CLIENT,
             )
@@ -101,11 +111,19 @@ def test_compare_and_swap_on_an_absent_key_says_so(tmp_path: Path) -> None:
 def test_a_request_id_reused_for_another_write_is_refused(tmp_path: Path) -> None:
     svc, node, fakes = _service(tmp_path)
     rid = kv.RequestId(client_id=b"c1", seq=1)
-    first = _run(svc.put(kv.PutRequest(key=b"k", value=b"a", request_id=rid), Context(), CLIENT))
-    again = _run(svc.put(kv.PutRequest(key=b"k", value=b"a", request_id=rid), Context(), CLIENT))
+    first = _run(
+        svc.put(received(kv.PutRequest(key=b"k", value=b"a", request_id=rid)), Context(), CLIENT)
+    )
+    again = _run(
+        svc.put(received(kv.PutRequest(key=b"k", value=b"a", request_id=rid)), Context(), CLIENT)
+    )
     assert again.version == first.version  # a retry: applied once
     with pytest.raises(InvalidArgument, match="already used"):
-        _run(svc.put(kv.PutRequest(key=b"k", value=b"b", request_id=rid), Context(), CLIENT))
+        _run(
+            svc.put(
+                received(kv.PutRequest(key=b"k", value=b"b", request_id=rid)), Context(), CLIENT
+            )
+        )
     entry = fakes[node.shard_for(b"k")].read_local(b"k")
     assert entry is not None and entry.value == b"a"  # nothing of the refused write applied
 
@@ -115,7 +133,7 @@ def test_a_forwarded_write_at_a_follower_names_the_leader(tmp_path: Path) -> Non
     shard = node.shard_for(b"k")
     fakes[shard].follow("n2")
     with pytest.raises(NotLeader) as e:
-        _run(svc.put(kv.PutRequest(key=b"k", value=b"v"), Context(), FORWARDED))
+        _run(svc.put(received(kv.PutRequest(key=b"k", value=b"v")), Context(), FORWARDED))
     assert status_for(e.value) == grpc.StatusCode.UNAVAILABLE
     assert (e.value.leader, e.value.shard_id) == ("n2", shard)
     assert fakes[shard].proposed == []
@@ -123,23 +141,25 @@ def test_a_forwarded_write_at_a_follower_names_the_leader(tmp_path: Path) -> Non
 
 def test_a_stale_read_at_a_follower_is_served_without_a_barrier(tmp_path: Path) -> None:
     svc, node, fakes = _service(tmp_path)
-    _run(svc.put(kv.PutRequest(key=b"k", value=b"v"), Context(), CLIENT))
+    _run(svc.put(received(kv.PutRequest(key=b"k", value=b"v")), Context(), CLIENT))
     fake = fakes[node.shard_for(b"k")]
     fake.follow("n2")
-    got = _run(svc.get(kv.GetRequest(key=b"k", consistency=kv.STALE), Context(), FORWARDED))
+    got = _run(
+        svc.get(received(kv.GetRequest(key=b"k", consistency=kv.STALE)), Context(), FORWARDED)
+    )
     assert got.value == b"v" and got.header.leader == "n2"
     assert len(fake.proposed) == 1  # the put; no barrier
     with pytest.raises(NotLeader):  # a linearizable one needs the leader
-        _run(svc.get(kv.GetRequest(key=b"k"), Context(), FORWARDED))
+        _run(svc.get(received(kv.GetRequest(key=b"k")), Context(), FORWARDED))
 
 
 def test_a_write_whose_outcome_is_unknown_says_so(tmp_path: Path) -> None:
     svc, node, fakes = _service(tmp_path)
     fakes[node.shard_for(b"k")].fail(ProposalTimeout("no quorum"))
     with pytest.raises(ProposalTimeout):
-        _run(svc.put(kv.PutRequest(key=b"k", value=b"v"), Context(), CLIENT))
+        _run(svc.put(received(kv.PutRequest(key=b"k", value=b"v")), Context(), CLIENT))
     with pytest.raises(ProposalTimeout):  # the read barrier cannot commit either
-        _run(svc.get(kv.GetRequest(key=b"k"), Context(), CLIENT))
+        _run(svc.get(received(kv.GetRequest(key=b"k")), Context(), CLIENT))
 
 
 def test_bulk_calls_fail_only_the_keys_of_a_failing_shard(tmp_path: Path) -> None:

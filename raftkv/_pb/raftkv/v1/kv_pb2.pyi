@@ -265,7 +265,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., replica_status: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint", "epoch", "moves", "meta", "stuck_moves")
+    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint", "epoch", "moves", "meta", "stuck_moves", "forwarded_requests", "forward_batches")
     NODES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,8 @@ class StatusResponse(_message.Message):
     MOVES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     STUCK_MOVES_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BATCHES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
     node: str
@@ -286,4 +288,6 @@ class StatusResponse(_message.Message):
     moves: _containers.RepeatedScalarFieldContainer[str]
     meta: ShardStatus
     stuck_moves: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ..., epoch: _Optional[int] = ..., moves: _Optional[_Iterable[str]] = ..., meta: _Optional[_Union[ShardStatus, _Mapping]] = ..., stuck_moves: _Optional[_Iterable[str]] = ...) -> None: ...
+    forwarded_requests: int
+    forward_batches: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ..., epoch: _Optional[int] = ..., moves: _Optional[_Iterable[str]] = ..., meta: _Optional[_Union[ShardStatus, _Mapping]] = ..., stuck_moves: _Optional[_Iterable[str]] = ..., forwarded_requests: _Optional[int] = ..., forward_batches: _Optional[int] = ...) -> None: ...
