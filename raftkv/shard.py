@@ -165,6 +165,7 @@ class ShardReplica:
         # counts its own log toward a commit only as far as it is synced.
         self._fsync = tuning.fsync
         self._flusher = driver.flusher
+        self._journal.in_background = self._flusher.submit
         self._held_acks: list[tuple[Node, dict[str, Any], int, int | None, int]] = []
         self._sync_error: StorageError | None = None
         if self._fsync:

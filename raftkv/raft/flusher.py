@@ -42,6 +42,8 @@ class Flusher:
         # Journal -> what to run on the Raft side once it synced (or failed): insertion
         # ordered, one entry per journal however often it asked since the last round.
         self._pending: dict[Syncable, Callable[[StorageError | None], None]] = {}
+        # Other disk work that must not stall the Raft thread (commit-index saves).
+        self._jobs: list[Callable[[], None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fsync", daemon=True)
         self.rounds = 0  # completed rounds, for tests and the log
@@ -65,14 +67,22 @@ class Flusher:
                 self._pending[journal] = done
                 self._cond.notify()
 
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the fsync thread after the next round of syncs (it must not raise
+        for anything but a bug, and must do its own locking)."""
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._jobs and not self._stopping:
                     self._cond.wait()
-                if not self._pending:
+                if not self._pending and not self._jobs:
                     return
                 batch, self._pending = self._pending, {}
+                jobs, self._jobs = self._jobs, []
             for journal, done in batch.items():
                 try:
                     journal.sync()
@@ -83,5 +93,11 @@ class Flusher:
                     done(StorageError(f"fsync failed: {e!r}"))
                 else:
                     done(None)
-            self.rounds += 1
-            self._wake()
+            for job in jobs:
+                try:
+                    job()
+                except Exception:
+                    log.exception("background disk job failed")
+            if batch:
+                self.rounds += 1
+                self._wake()

@@ -46,6 +46,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,8 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self._allocated = HEADER_BYTES  # file size, preallocated space included
         self._unsynced = False
         self._lock = threading.Lock()
+        # Runs slow, non-urgent disk work off the Raft thread (the node's fsync thread).
+        self.in_background: Callable[[Callable[[], None]], None] | None = None
         self._open()
         self.existed = bool(self._entries)
         self._synced_index = self.last_index
@@ -455,7 +458,15 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self.keep_room()
         # Never record a commit index past what this journal has stored: on restart a commit
         # index beyond the log means entries were lost (see storage.open_storage).
-        self.meta.save_commit_index(min(self.meta.commit_index, self.stored_index))
+        commit = min(self.meta.commit_index, self.stored_index)
+        if commit == self.meta.saved_commit_index:
+            return
+        if self.in_background is None:
+            self.meta.save_commit_index(commit)
+        else:
+            # Two fsyncs (file and directory): not on the Raft thread, where they stalled
+            # every shard of the node once a second.
+            self.in_background(lambda: self.meta.save_commit_index(commit))
 
 
 class MetaStore:
@@ -471,6 +482,7 @@ class MetaStore:
         self.recovering = False
         self._saved_commit_index = 1
         self._commit_save_failed = False
+        self._lock = threading.Lock()
         self.existed = path.exists()
         if self.existed:
             self._load()
@@ -507,18 +519,26 @@ class MetaStore:
         }
 
     def save(self, commit_index: int | None = None) -> None:
-        state = self._state()
-        if commit_index is not None:
-            state["commit_index"] = commit_index
-        doc = {"crc32": zlib.crc32(_canonical(state)), "state": state}
-        text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-        try:
-            write_file(self.path, text.encode(), overwrite=True)
-        except OSError as e:
-            raise MetaWriteError(
-                f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
-            ) from e
-        self._saved_commit_index = state["commit_index"]
+        # The Raft thread saves term/vote; the fsync thread saves the commit index. Under the
+        # lock each writes the state as it is then, so neither can put back an older term or
+        # vote over a newer one.
+        with self._lock:
+            state = self._state()
+            if commit_index is not None:
+                state["commit_index"] = commit_index
+            doc = {"crc32": zlib.crc32(_canonical(state)), "state": state}
+            text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+            try:
+                write_file(self.path, text.encode(), overwrite=True)
+            except OSError as e:
+                raise MetaWriteError(
+                    f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
+                ) from e
+            self._saved_commit_index = state["commit_index"]
+
+    @property
+    def saved_commit_index(self) -> int:
+        return self._saved_commit_index
 
     def save_commit_index(self, commit_index: int) -> None:
         """Lazily persist the commit index (a restart then re-applies without waiting)."""

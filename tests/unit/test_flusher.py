@@ -36,10 +36,10 @@ def test_requests_made_during_a_round_share_the_next_one() -> None:
             flusher.request(busy, outcomes.append)
             flusher.request(other, outcomes.append)
         gate.set()
-        wait_for(lambda: flusher.rounds == 2, 5, "two rounds")
+        wait_for(lambda: len(wakes) == 2, 5, "two rounds")
         assert busy.syncs == 2 and other.syncs == 1
         assert outcomes == [None, None, None]
-        assert len(wakes) == 2  # the Raft thread is woken once per round
+        assert flusher.rounds == 2  # the Raft thread was woken once per round
     finally:
         gate.set()
         flusher.stop()
@@ -77,3 +77,15 @@ def test_a_leader_counts_only_what_a_quorum_has_synced() -> None:
     assert stable_commit(20, 5, [8, 9, 20], term, 2) == 5
     # a single replica group commits what it synced
     assert stable_commit(20, 10, [17], term, 2) == 17
+
+
+def test_background_jobs_run_on_the_fsync_thread() -> None:
+    flusher = Flusher(lambda: None)
+    flusher.start()
+    try:
+        ran: list[str] = []
+        flusher.submit(lambda: ran.append(threading.current_thread().name))
+        wait_for(lambda: bool(ran), 5, "the job to run")
+        assert ran == ["fsync"]
+    finally:
+        flusher.stop()
