@@ -47,8 +47,9 @@ FORWARD_METHOD = f"/{FORWARDING_SERVICE}/Forward"
 # Calls per Forward RPC, and their request bytes: a bigger batch is split.
 MAX_CALLS_PER_BATCH = 256
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-# Forward calls out to one peer at a time; more requests wait and then go together.
-MAX_IN_FLIGHT = 2
+# Forward calls out to one peer at a time: more requests wait for it and then go together
+# (one or two in flight measured alike; one coalesces more).
+MAX_IN_FLIGHT = 1
 _OK = grpc.StatusCode.OK.value[0]
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
