@@ -428,6 +428,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         self.sync()
 
     def _destroy(self) -> None:
+        self.meta.close()
         with self._lock:
             if self._fd >= 0:
                 with contextlib.suppress(OSError):
@@ -483,6 +484,7 @@ class MetaStore:
         self._saved_commit_index = 1
         self._commit_save_failed = False
         self._lock = threading.Lock()
+        self._closed = False
         self.existed = path.exists()
         if self.existed:
             self._load()
@@ -523,6 +525,8 @@ class MetaStore:
         # lock each writes the state as it is then, so neither can put back an older term or
         # vote over a newer one.
         with self._lock:
+            if self._closed:
+                return  # its replica is gone (its directory may hold a new replica by now)
             state = self._state()
             if commit_index is not None:
                 state["commit_index"] = commit_index
@@ -535,6 +539,12 @@ class MetaStore:
                     f"{self._what}: cannot save term/vote to {self.path}: {_describe_os_error(e)}"
                 ) from e
             self._saved_commit_index = state["commit_index"]
+
+    def close(self) -> None:
+        """No more writes: a commit-index save still queued on the fsync thread when the
+        replica stops must not land in a directory that is deleted and reused after it."""
+        with self._lock:
+            self._closed = True
 
     @property
     def saved_commit_index(self) -> int:

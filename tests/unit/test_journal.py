@@ -286,3 +286,15 @@ def test_sync_makes_appends_stored_and_a_truncation_takes_them_back(tmp_path: Pa
     assert j.stored_index == 4
     j._destroy()
     assert j.sync() is False  # a closed journal is never fsynced (its fd may be reused)
+
+
+def test_a_closed_replica_s_queued_commit_index_save_never_lands(tmp_path: Path) -> None:
+    # The fsync thread may run a commit-index save after the replica stopped and its
+    # directory was deleted and handed to a new replica: it must not write the old state there.
+    j = journal(tmp_path)
+    j.meta.term, j.meta.voted_for = 34, "n1"
+    j.meta.save()
+    j._destroy()
+    (tmp_path / "meta.json").unlink()
+    j.meta.save_commit_index(4115)  # the queued job, running late
+    assert not (tmp_path / "meta.json").exists()
