@@ -27,7 +27,8 @@ server sends it as trailing metadata ``raftkv-leader`` / ``raftkv-leader-endpoin
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, TypeVar
 
 import grpc
 
@@ -188,3 +189,16 @@ def rpc_error(e: grpc.aio.AioRpcError) -> RaftKVError:
     pairs: Any = e.trailing_metadata() or ()
     metadata = {str(k): v for k, v in pairs if isinstance(v, str)}
     return error_from_status(e.code(), e.details() or e.code().name, metadata)
+
+
+T = TypeVar("T")
+
+
+def resolve(future: asyncio.Future[T], value: T | RaftKVError) -> None:
+    """Settle ``future`` with a value or one of our errors, unless its waiter gave up."""
+    if future.done():
+        return
+    if isinstance(value, RaftKVError):
+        future.set_exception(value)
+    else:
+        future.set_result(value)

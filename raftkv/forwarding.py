@@ -34,6 +34,7 @@ from raftkv.errors import (
     PermissionDenied,
     RaftKVError,
     error_from_status,
+    resolve,
     rpc_error,
 )
 
@@ -150,12 +151,12 @@ class Forwarder:
         except grpc.aio.AioRpcError as e:
             error = rpc_error(e)
             for p in batch:
-                _settle(p.future, error)
+                resolve(p.future, error)
             return
         except Exception as e:  # a bug must fail these calls, not leave them hanging
             log.exception("forwarding to %s failed", peer.node_id)
             for p in batch:
-                _settle(p.future, RaftKVError(f"forwarding failed: {e!r}"))
+                resolve(p.future, RaftKVError(f"forwarding failed: {e!r}"))
             return
         replies = response.replies
         if len(replies) != len(batch):
@@ -163,24 +164,15 @@ class Forwarder:
                 f"node {peer.node_id} answered {len(replies)} of {len(batch)} forwarded calls"
             )
             for p in batch:
-                _settle(p.future, error)
+                resolve(p.future, error)
             return
         for p, reply in zip(batch, replies, strict=True):
             if reply.code == _OK:
-                _settle(p.future, reply.response)
+                resolve(p.future, reply.response)
             else:
                 trailers = {t.key: t.value for t in reply.trailers}
                 code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
-                _settle(p.future, error_from_status(code, reply.message, trailers))
-
-
-def _settle(future: asyncio.Future[bytes], outcome: bytes | RaftKVError) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, RaftKVError):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+                resolve(p.future, error_from_status(code, reply.message, trailers))
 
 
 # -- the leader's side ------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from raftkv.errors import (
     RaftKVError,
     StorageError,
     Unavailable,
+    resolve,
 )
 from raftkv.raft.conf_change import conf_change, initial_members, members_at
 from raftkv.raft.driver import NO_POLL, RaftDriver
@@ -330,7 +331,7 @@ class ShardReplica:
         future.add_done_callback(_consume_outcome)
 
         def answer(value: int | RaftKVError | None) -> None:  # Raft thread
-            loop.call_soon_threadsafe(_resolve, future, value)
+            loop.call_soon_threadsafe(resolve, future, value)
 
         self._driver.call_soon(lambda: self._start_read_round(answer))
         try:
@@ -537,11 +538,11 @@ class ShardReplica:
         def propose() -> None:  # Raft thread
             g = self._group
             if not g._isLeader() or self._failed:
-                loop.call_soon_threadsafe(_resolve, future, self.not_leader())
+                loop.call_soon_threadsafe(resolve, future, self.not_leader())
                 return
             members = g.members()
             if (node_id in members) != remove:
-                loop.call_soon_threadsafe(_resolve, future, members)
+                loop.call_soon_threadsafe(resolve, future, members)
                 return
             if remove and node_id == self.node_id:
                 # A leader cannot remove itself: hand leadership to the voter that is most
@@ -551,7 +552,7 @@ class ShardReplica:
                 if successor:
                     g.transferLeadership(Node(successor), None)
                 loop.call_soon_threadsafe(
-                    _resolve,
+                    resolve,
                     future,
                     Unavailable(
                         f"shard {self.shard_id}: handing leadership to {successor or 'another'}"
@@ -563,7 +564,7 @@ class ShardReplica:
                 return
             if g.change_pending():
                 loop.call_soon_threadsafe(
-                    _resolve,
+                    resolve,
                     future,
                     Unavailable(
                         f"shard {self.shard_id}: another membership change is still committing",
@@ -574,10 +575,10 @@ class ShardReplica:
 
             def done(_result: Any, error: int) -> None:
                 if error == FAIL_REASON.SUCCESS:
-                    loop.call_soon_threadsafe(_resolve, future, g.members())
+                    loop.call_soon_threadsafe(resolve, future, g.members())
                 else:
                     loop.call_soon_threadsafe(
-                        _resolve,
+                        resolve,
                         future,
                         Unavailable(
                             f"shard {self.shard_id}: membership change failed ({error})",
@@ -838,7 +839,7 @@ class ShardReplica:
 
         def take() -> None:
             loop.call_soon_threadsafe(
-                _resolve, future, (self._group.last_applied(), self.machine.items())
+                resolve, future, (self._group.last_applied(), self.machine.items())
             )
 
         self.dirty = True
@@ -852,16 +853,6 @@ class ShardReplica:
 def _consume_outcome(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _resolve(future: asyncio.Future[T], value: T | RaftKVError) -> None:
-    """Settle ``future`` with a value or one of our errors, unless its waiter gave up."""
-    if future.done():
-        return
-    if isinstance(value, RaftKVError):
-        future.set_exception(value)
-    else:
-        future.set_result(value)
 
 
 def _settle(
