@@ -289,6 +289,15 @@ def serve(
             "shorter restarts and catch-ups, more snapshot writes)."
         ),
     ] = RaftTuning.log_compaction_entries,
+    leader_step_down: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a shard leader that hears from no quorum keeps leading before it "
+            "steps down (etcd's check-quorum). Its reads and writes never succeed meanwhile: "
+            "they need a quorum. Shorter: clients on its side learn sooner that it is gone.",
+            min=0.5,
+        ),
+    ] = RaftTuning.leader_fallback_s,
     max_concurrent_rpcs: Annotated[
         int,
         typer.Option(
@@ -366,6 +375,7 @@ def serve(
         raft=RaftTuning(
             fsync=not unsafe_no_fsync,
             log_compaction_entries=log_compaction_entries,
+            leader_fallback_s=leader_step_down,
             read_index=read_path is ReadPath.read_index,
         ),
         security=security,

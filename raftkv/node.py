@@ -197,6 +197,7 @@ class Node:
         self._dialer = node_dialer(security.grpc_tls, security.peer_tls)
         self.peers: dict[str, Peer] = {}
         self.forwarder = Forwarder(self)
+        self.via_leader_requests = 0
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
         # {} on a new data dir: a node.json means "this node has been a member", so a shard
@@ -687,13 +688,23 @@ class Node:
             raise Unavailable(f"node {self.id} is starting or stopping", shard_id=shard_id)
         tried: set[str] = set()
         delay = 0.01
+        # A follower replica here can reach its leader over the Raft link (see
+        # ShardReplica.via_leader): cheaper than a gRPC hop, and the reply is built here.
+        # Once that fails (leader changed, or it refused), this request forwards over gRPC.
+        through_raft = not forwarded
         while True:
             replica = self.replicas.get(shard_id)
-            if replica is not None and replica.is_leader:
+            if replica is not None and (replica.is_leader or (through_raft and replica.via_leader)):
+                leading = replica.is_leader
                 try:
-                    return await local(replica)
+                    result = await local(replica)
                 except NotLeader:
-                    pass  # lost leadership between the check and the proposal: route again
+                    # Lost leadership between the check and the proposal: route again.
+                    through_raft = through_raft and leading
+                else:
+                    if not leading:
+                        self.via_leader_requests += 1
+                    return result
             elif forwarded:
                 if replica is not None:
                     raise replica.not_leader()
@@ -816,6 +827,7 @@ class Node:
             stuck_moves=[f"{group_name(s)}: {why}" for s, why in sorted(self.stuck_moves.items())],
             forwarded_requests=self.forwarder.calls,
             forward_batches=self.forwarder.batches,
+            via_leader_requests=self.via_leader_requests,
             shard_count=view.shards,
             vnodes=view.vnodes,
             cluster_fingerprint=self.cluster_id,

@@ -55,6 +55,13 @@ class Replica(Protocol):
     def is_leader(self) -> bool: ...
 
     @property
+    def via_leader(self) -> bool:
+        """A follower that proposes and reads linearizably through its leader, over the Raft
+        link: the leader is known and its link is up. ``propose`` and ``read_index`` work on
+        it as on the leader, and raise NotLeader when the leader changes or refuses."""
+        ...
+
+    @property
     def joining(self) -> bool:
         """Created for a move and not yet added by the group's leader (it hears no leader)."""
         ...

@@ -54,6 +54,7 @@ from raftkv.errors import (
     Unavailable,
     resolve,
 )
+from raftkv.raft import wire
 from raftkv.raft.conf_change import conf_change, initial_members, members_at
 from raftkv.raft.driver import NO_POLL, RaftDriver
 from raftkv.raft.group import APPEND_BATCH_BYTES, REGULAR, RaftGroup
@@ -84,6 +85,10 @@ WRITE_HEADROOM_BYTES = 256 * 1024
 WRITE_ERROR_HOLD_S = 1.0
 # ReadIndex rounds waiting for a quorum per shard; the oldest is failed to make room.
 MAX_READ_ROUNDS = 64
+# How often requests left waiting for an index this replica has passed are failed.
+SWEEP_INTERVAL_S = 1.0
+# A read round not confirmed within this long lets the next one start anyway.
+ROUND_PATIENCE_S = 0.05
 
 
 class ShardReplica:
@@ -210,6 +215,19 @@ class ShardReplica:
         self._read_rounds: list[tuple[int, int, int, Callable[[int | RaftKVError | None], None]]]
         self._read_rounds = []
         self._last_round = 0
+        self._round_started = 0.0
+        # Reads that asked for a round since the last tick: one round serves them all.
+        self._round_requests: list[Callable[[int | RaftKVError | None], None]] = []
+        # Through the leader (Raft thread): a follower whose leader's link is up forwards
+        # proposals (pysyncobj's apply_command) and asks for read indexes over the Raft link,
+        # as etcd's followers do with MsgProp and MsgReadIndex. Read index requests in flight
+        # by id, and reads waiting for this replica to apply up to their index.
+        self._via_leader = False
+        self._remote_reads: dict[int, Callable[[int | RaftKVError | None], None]] = {}
+        self._last_remote_read = 0
+        self._apply_waits: list[tuple[int, Callable[[int | RaftKVError | None], None]]] = []
+        self._swept_at = 0.0
+        self._transport.intercept = self._intercept
         self._throttle = Throttle(interval_s=10.0)
         driver.add(self)
 
@@ -260,6 +278,14 @@ class ShardReplica:
             self._write_error = None  # the next append tries again (and fails again, if so)
         if self._read_rounds:
             self._answer_reads()
+        if self._round_requests and self._may_start_round():
+            self._start_read_round()
+        if self._apply_waits:
+            self._answer_applied()
+        now = time.monotonic()
+        if now - self._swept_at > SWEEP_INTERVAL_S:
+            self._swept_at = now
+            g.fail_passed_waits()
         self._refresh_info()
         return busy
 
@@ -273,7 +299,28 @@ class ShardReplica:
     # leader appends), else the leader may not know everything committed before it: until then
     # the read commits a barrier entry instead. No clocks are involved (no leases).
 
-    def _start_read_round(self, answer: Callable[[int | RaftKVError | None], None]) -> None:
+    def _request_read_round(self, answer: Callable[[int | RaftKVError | None], None]) -> None:
+        """Join the round the next tick starts (Raft thread): local and followers' reads that
+        arrive within one tick share one heartbeat round."""
+        self._round_requests.append(answer)
+        self.dirty = True
+
+    def _may_start_round(self) -> bool:
+        # One heartbeat round in flight per shard: reads that arrive meanwhile wait for it to
+        # be confirmed and share the next one. Every round costs an AppendEntries to each
+        # follower and a reply from each; under read load that was most of the Raft thread's
+        # work. A round unconfirmed for long (no quorum) does not hold the next one back.
+        if not self._read_rounds:
+            return True
+        return time.monotonic() - self._round_started > ROUND_PATIENCE_S
+
+    def _start_read_round(self) -> None:
+        answers, self._round_requests = self._round_requests, []
+
+        def answer(value: int | RaftKVError | None) -> None:
+            for each in answers:
+                each(value)
+
         g = self._group
         if not g._isLeader() or self._failed:
             answer(self.not_leader())
@@ -284,6 +331,7 @@ class ShardReplica:
             answer(None)  # nothing of our term has committed yet: use a barrier
             return
         self._last_round += 1
+        self._round_started = time.monotonic()
         self._transport.read_round = self._last_round
         if len(self._read_rounds) >= MAX_READ_ROUNDS:
             # Rounds nobody confirms (no quorum): the oldest reader timed out long ago.
@@ -326,6 +374,13 @@ class ShardReplica:
 
     async def _read_round(self, timeout: float) -> int | None:
         """The read index of a confirmed round; None if a barrier must be used instead."""
+        return await self._raft_answer(self._request_read_round, timeout)
+
+    async def _raft_answer(
+        self, start: Callable[[Callable[[int | RaftKVError | None], None]], None], timeout: float
+    ) -> int | None:
+        """Run ``start(answer)`` on the Raft thread and await what it answers: a read index,
+        None, or an error (raised here)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int | None] = loop.create_future()
         future.add_done_callback(_consume_outcome)
@@ -333,7 +388,7 @@ class ShardReplica:
         def answer(value: int | RaftKVError | None) -> None:  # Raft thread
             loop.call_soon_threadsafe(resolve, future, value)
 
-        self._driver.call_soon(lambda: self._start_read_round(answer))
+        self._driver.call_soon(lambda: start(answer))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -343,6 +398,15 @@ class ShardReplica:
         g = self._group
         leader = g._getLeader()
         leader_id = leader.id if leader is not None else ""
+        was_via_leader = self._via_leader
+        self._via_leader = (
+            bool(leader_id)
+            and leader_id != self.node_id
+            and not (self._failed or self._recovering or self._joining)
+            and self._driver.transport.is_connected(leader_id)
+        )
+        if was_via_leader and (not self._via_leader or leader_id != self._last_leader):
+            self._leader_lost()
         self._info = ReplicaInfo(
             shard_id=self.shard_id,
             role=self._role(),
@@ -435,6 +499,125 @@ class ShardReplica:
 
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(fail_all)
+
+    # -- through the leader (a follower's proposals and reads) ---------------------------
+
+    def _intercept(self, peer_id: str, message: dict[str, Any]) -> bool:
+        """Messages for this replica rather than pysyncobj (Raft thread). True: handled."""
+        kind = message["type"]
+        if kind == "apply_command":
+            return self._screen_forwarded(peer_id, message)
+        if kind == wire.READ_INDEX:
+            self._serve_remote_read(peer_id, int(message["request_id"]))
+        else:
+            self._remote_read_answered(int(message["request_id"]), message)
+        return True
+
+    def _screen_forwarded(self, peer_id: str, message: dict[str, Any]) -> bool:
+        """A follower forwarded a command: refuse it here, as ``propose`` would, when this
+        leader cannot take writes; the follower then forwards the request over gRPC and its
+        client hears why. Not leader: pysyncobj answers NOT_LEADER itself."""
+        if not self._group._isLeader():
+            return False
+        data = message["command"]
+        refuse = bool(self._failed) or len(data) > MAX_COMMAND_BYTES
+        failure = self._write_error
+        if failure is not None and time.monotonic() - failure[0] < WRITE_ERROR_HOLD_S:
+            refuse = True
+        journal = self._journal
+        if journal.low_on_space and journal.room() < len(data) + RECORD_OVERHEAD + (
+            WRITE_HEADROOM_BYTES
+        ):
+            refuse = True
+        if not refuse:
+            return False
+        node = self._transport.peers.get(peer_id)
+        if node is not None and "request_id" in message:
+            self._transport.send(
+                node,
+                {
+                    "type": "apply_command_response",
+                    "request_id": message["request_id"],
+                    "error": FAIL_REASON.REQUEST_DENIED,
+                },
+            )
+        return True
+
+    def _serve_remote_read(self, peer_id: str, request_id: int) -> None:
+        node = self._transport.peers.get(peer_id)
+        if node is None:
+            return
+
+        def answer(value: int | RaftKVError | None) -> None:
+            if isinstance(value, int):
+                outcome, index = wire.READ_OK, value
+            elif isinstance(value, NotLeader):
+                outcome, index = wire.READ_NOT_LEADER, 0
+            else:  # a barrier is needed, or no quorum: the leader's own path says which
+                outcome, index = wire.READ_FORWARD, 0
+            reply = {"type": wire.READ_INDEX_RESPONSE, "request_id": request_id}
+            self._transport.send(node, {**reply, "outcome": outcome, "index": index})
+
+        if self._read_index:
+            self._request_read_round(answer)
+        else:
+            answer(None)
+
+    def _ask_leader(self, answer: Callable[[int | RaftKVError | None], None]) -> None:
+        """Ask the leader for a read index (Raft thread)."""
+        leader = self._transport.peers.get(self._info.leader)
+        if not self._via_leader or leader is None:
+            answer(self.not_leader())
+            return
+        if len(self._remote_reads) >= MAX_READ_ROUNDS:
+            oldest = next(iter(self._remote_reads))
+            self._remote_reads.pop(oldest)(self._no_quorum())
+        self._last_remote_read += 1
+        self._remote_reads[self._last_remote_read] = answer
+        self._transport.send(
+            leader, {"type": wire.READ_INDEX, "request_id": self._last_remote_read}
+        )
+
+    def _remote_read_answered(self, request_id: int, message: dict[str, Any]) -> None:
+        answer = self._remote_reads.pop(request_id, None)
+        if answer is None:
+            return  # failed meanwhile (the leader changed or its link went down)
+        if message["outcome"] != wire.READ_OK:
+            answer(self.not_leader())  # the caller forwards the read instead
+            return
+        index = int(message["index"])
+        if self._group.last_applied() >= index:
+            answer(index)
+            return
+        if len(self._apply_waits) >= MAX_READ_ROUNDS:
+            self._apply_waits.pop(0)[1](self._no_quorum())
+        self._apply_waits.append((index, answer))
+
+    def _answer_applied(self) -> None:
+        applied = self._group.last_applied()
+        waiting = []
+        for index, answer in self._apply_waits:
+            if index <= applied:
+                answer(index)
+            else:
+                waiting.append((index, answer))
+        self._apply_waits = waiting
+
+    def _leader_lost(self) -> None:
+        """The leader changed or its link went down: replies may never come (Raft thread)."""
+        self._group.fail_unanswered_forwards()
+        if self._remote_reads:
+            error = self.not_leader()
+            reads, self._remote_reads = self._remote_reads, {}
+            for answer in reads.values():
+                answer(error)
+
+    async def _remote_round(self, timeout: float) -> int:
+        """A read index from the leader, applied here."""
+        index = await self._raft_answer(self._ask_leader, timeout)
+        if index is None:  # _ask_leader answers an index or an error, never None
+            raise self.not_leader()
+        return index
 
     # -- recovery (--recover-from-peers) -----------------------------------------------------
 
@@ -708,6 +891,10 @@ class ShardReplica:
     def is_leader(self) -> bool:
         return self._info.role == "leader"
 
+    @property
+    def via_leader(self) -> bool:
+        return self._via_leader
+
     def not_leader(self) -> NotLeader:
         leader = self._info.leader
         return NotLeader(
@@ -729,8 +916,14 @@ class ShardReplica:
     async def propose(
         self, data: bytes, timeout: float, *, headroom: int = WRITE_HEADROOM_BYTES
     ) -> tuple[pb.CommandResult, int]:
-        """Replicate one command; return its result and the log index it applied at."""
-        if not self.is_leader:
+        """Replicate one command; return its result and the log index it applied at.
+
+        On a follower whose leader is reachable (:attr:`via_leader`) the command goes to the
+        leader over the Raft link, and the result is this replica's own, once it has applied
+        the entry. A leader that refuses it, or a leader change, raises NotLeader.
+        """
+        leading = self.is_leader
+        if not leading and not self._via_leader:
             raise self.not_leader()
         if len(data) > MAX_COMMAND_BYTES:
             raise InvalidArgument(
@@ -738,7 +931,11 @@ class ShardReplica:
             )
         self._check_writable()
         journal = self._journal
-        if journal.low_on_space and journal.room() < len(data) + RECORD_OVERHEAD + headroom:
+        if (
+            leading
+            and journal.low_on_space
+            and journal.room() < len(data) + RECORD_OVERHEAD + headroom
+        ):
             # The disk gave the journal no more room: refused before it entered the log, so
             # certainly not applied and nothing left in doubt.
             raise NoSpace(
@@ -776,8 +973,9 @@ class ShardReplica:
         """Wait until a read started after this call may be served: a ReadIndex round (or a
         barrier entry) that began after it has confirmed leadership and been applied here.
         Returns the log index the local state now reflects at least. Reads arriving while a
-        round is in flight share the next one."""
-        if not self.is_leader:
+        round is in flight share the next one. A follower whose leader is reachable asks the
+        leader for the index (:attr:`via_leader`)."""
+        if not self.is_leader and not (self._via_leader and self._read_index):
             raise self.not_leader()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # A reader that timed out no longer awaits it: its failure is nobody's to log.
@@ -797,7 +995,10 @@ class ShardReplica:
         while self._barrier_waiters:
             batch, self._barrier_waiters = self._barrier_waiters, []
             try:
-                index = await self._read_round(timeout) if self._read_index else None
+                if not self.is_leader:
+                    index: int | None = await self._remote_round(timeout)
+                else:
+                    index = await self._read_round(timeout) if self._read_index else None
                 if index is None:
                     _, index = await self.propose(command.BARRIER, timeout, headroom=0)
             except RaftKVError as e:
@@ -870,7 +1071,14 @@ def _settle(
     exc: RaftKVError
     if error == FAIL_REASON.QUEUE_FULL:
         exc = Overloaded(f"shard {replica.shard_id}: too many proposals in flight")
-    elif error in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER, FAIL_REASON.DISCARDED):
+    elif error in (
+        FAIL_REASON.NOT_LEADER,
+        FAIL_REASON.MISSING_LEADER,
+        FAIL_REASON.DISCARDED,
+        # A leader refused a follower's forwarded command (see _screen_forwarded); the
+        # request goes to the leader over gRPC instead, which says why.
+        FAIL_REASON.REQUEST_DENIED,
+    ):
         exc = replica.not_leader()
     elif error in (FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
         exc = ProposalTimeout(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj as pysyncobj_core
-from pysyncobj import SyncObj
+from pysyncobj import FAIL_REASON, SyncObj
 from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import Node
 
@@ -232,6 +232,25 @@ class RaftGroup(SyncObj):  # type: ignore[misc]
 
     def set_term(self, term: int, voted_for: str | None) -> None:
         self._SyncObj__setCurrentTerm(term, voted_for)
+
+    # A follower's proposals travel to the leader as pysyncobj ``apply_command`` messages;
+    # pysyncobj keeps each caller's callback until the leader's reply (by request id), then
+    # until this replica applies the entry (by index). It forgets neither if the reply is lost
+    # with a link, or if a snapshot moves this replica past the index: these two settle them.
+    def fail_unanswered_forwards(self) -> None:
+        """The link to the leader went down: replies to what we sent may never come."""
+        waiting: dict[int, Callable[[Any, int], None]] = self._SyncObj__commandsWaitingReply
+        self._SyncObj__commandsWaitingReply: dict[int, Callable[[Any, int], None]] = {}
+        for request_id in sorted(waiting):
+            waiting[request_id](None, FAIL_REASON.LEADER_CHANGED)
+
+    def fail_passed_waits(self) -> None:
+        """Commands waiting for an index this replica has already applied past."""
+        waiting = self._SyncObj__commandsWaitingCommit
+        applied = self._SyncObj__raftLastApplied
+        for index in [i for i in waiting if i <= applied]:
+            for _term, callback in waiting.pop(index):
+                callback(None, FAIL_REASON.UNKNOWN_OUTCOME)
 
     def hold_elections(self) -> None:
         """Keep this replica from campaigning (it is recovering): push its timer out."""

@@ -79,6 +79,9 @@ def _host_port(address: str | None, node_id: str) -> tuple[str, int] | None:
     return split_hostport(address, f"nodes.{node_id}.raft") if address else None
 
 
+_INTERCEPTED = frozenset({wire.READ_INDEX, wire.READ_INDEX_RESPONSE, "apply_command"})
+
+
 class ShardTransport(Transport):  # type: ignore[misc]
     """The view of the mux that one shard's ``SyncObj`` sees."""
 
@@ -108,6 +111,10 @@ class ShardTransport(Transport):  # type: ignore[misc]
         # ``delivered`` looks at it after pysyncobj has handled it.
         self.accept: Callable[[str, dict[str, Any]], bool] | None = None
         self.delivered: Callable[[str, dict[str, Any]], None] | None = None
+        # Messages for the replica rather than pysyncobj: follower reads, and commands a
+        # follower forwards, which the leader screens first. True: handled, pysyncobj never
+        # sees it.
+        self.intercept: Callable[[str, dict[str, Any]], bool] | None = None
         # Whatever handling a message raised (a failed journal write, most likely): it must
         # not escape into the poller and cut the other links' events short.
         self.on_error: Callable[[Exception], None] = lambda e: log.error(
@@ -161,6 +168,11 @@ class ShardTransport(Transport):  # type: ignore[misc]
             if self.accept is not None and not self.accept(peer_id, message):
                 return
             kind = message.get("type")
+            if kind in _INTERCEPTED and (
+                self.intercept is None or self.intercept(peer_id, message)
+            ):
+                self._on_activity()
+                return
             if kind == "append_entries":
                 # pysyncobj answers it (if it accepts the sender's term) within this call
                 self._echo[peer_id] = message.get("read_round", 0)

@@ -38,6 +38,14 @@ _MEMBERSHIP = 2
 _ALLOWED_PREFIXES = frozenset({bytes([_REGULAR]), bytes([_NO_OP]), bytes([_MEMBERSHIP])})
 
 
+# Follower reads (not pysyncobj's: raftkv's replica handles them, see ShardReplica).
+READ_INDEX = "read_index"
+READ_INDEX_RESPONSE = "read_index_response"
+READ_OK = pb.ReadIndexResponse.OK
+READ_NOT_LEADER = pb.ReadIndexResponse.NOT_LEADER
+READ_FORWARD = pb.ReadIndexResponse.FORWARD
+
+
 class UnencodableMessage(ValueError):
     """pysyncobj produced a message raftkv will not put on the wire."""
 
@@ -133,6 +141,13 @@ def encode(shard_id: int, message: dict[str, Any]) -> bytes:
             acr.log_term = message["log_term"]
     elif kind == "timeout_now":
         frame.timeout_now.term = message["term"]
+    elif kind == READ_INDEX:
+        frame.read_index_request.request_id = message["request_id"]
+    elif kind == READ_INDEX_RESPONSE:
+        rir = frame.read_index_response
+        rir.request_id = message["request_id"]
+        rir.outcome = message["outcome"]
+        rir.index = message["index"]
     else:
         raise UnencodableMessage(f"unknown pysyncobj message type {kind!r}")
     return frame.SerializeToString()
@@ -221,6 +236,16 @@ def decode(data: bytes) -> Decoded:
             message["log_term"] = acr.log_term
     elif which == "timeout_now":
         message = {"type": "timeout_now", "term": frame.timeout_now.term}
+    elif which == "read_index_request":
+        message = {"type": READ_INDEX, "request_id": frame.read_index_request.request_id}
+    elif which == "read_index_response":
+        rir = frame.read_index_response
+        message = {
+            "type": READ_INDEX_RESPONSE,
+            "request_id": rir.request_id,
+            "outcome": rir.outcome,
+            "index": rir.index,
+        }
     elif which == "ping":
         return ("ping", 0, None)
     elif which == "peer_state":

@@ -123,6 +123,11 @@ class FakeReplica:
         return self.leader == self.node_id
 
     @property
+    def via_leader(self) -> bool:
+        # Fakes do not share a log: a follower fake always sends callers on to the leader.
+        return False
+
+    @property
     def members(self) -> list[str]:
         return list(self._members)
 

@@ -106,6 +106,22 @@ class Partitioner:
                 "-m", "multiport", "--ports", self.ports, "-j", "DROP",
             )  # fmt: skip
 
+    def split(self, side: set[str]) -> None:
+        """Cut the Raft traffic between ``side`` and every other node; each side still
+        talks within itself."""
+
+        def ip(node_id: str) -> str:
+            return self.cluster.nodes[node_id].address.raft.rsplit(":", 1)[0]
+
+        others = [n for n in self.cluster.nodes if n not in side]
+        for a in sorted(side):
+            for b in others:
+                for src, dst in ((ip(a), ip(b)), (ip(b), ip(a))):
+                    self._iptables(
+                        "-A", self.chain, "-p", "tcp", "-s", src, "-d", dst,
+                        "-m", "multiport", "--ports", self.ports, "-j", "DROP",
+                    )  # fmt: skip
+
     def heal(self) -> None:
         self._iptables("-F", self.chain)
 
@@ -424,16 +440,23 @@ def converged(cluster: LocalCluster) -> tuple[bool, str]:
 
 @contextlib.contextmanager
 def fault_cluster(
-    base_dir: Path, nodes: int = 3, shards: int = 4, *, secure: bool = False
+    base_dir: Path,
+    nodes: int = 3,
+    shards: int = 4,
+    *,
+    secure: bool = False,
+    replicas: int = 3,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[LocalCluster]:
     """A cluster with one loopback address per node, ready for partitions."""
     with LocalCluster.create(
         base_dir,
         nodes=nodes,
         shards=shards,
-        replicas=3,
+        replicas=replicas,
         hosts=loopback_hosts(nodes),
         secure=secure,
+        extra_args=extra_args,
     ) as cluster:
         cluster.start(timeout=60)
         yield cluster

@@ -241,43 +241,71 @@ def test_linearizable_reads_append_to_the_log_only_on_the_barrier_path(
         asyncio.run(run())
 
 
-def test_a_plain_client_s_requests_for_other_leaders_travel_coalesced(
+async def _plain_requests_to(
+    entry: str, keys: list[bytes]
+) -> tuple[list[kv.PutResponse], kv.StatusResponse]:
+    """One RPC per operation, all to one node, as a grpcurl or Go stub would send them; every
+    get must read what its put wrote. Returns the puts' replies and the node's status after."""
+    async with grpc.aio.insecure_channel(entry) as channel:
+        stub = kv_grpc.KVStub(channel)
+        puts = await asyncio.gather(
+            *(stub.Put(kv.PutRequest(key=k, value=k[::-1]), timeout=10) for k in keys)
+        )
+        gets = await asyncio.gather(*(stub.Get(kv.GetRequest(key=k), timeout=10) for k in keys))
+        assert [g.value for g in gets] == [k[::-1] for k in keys]
+        assert all(p.version >= 1 for p in puts)
+        after = await kv_grpc.ClusterStub(channel).Status(
+            kv.StatusRequest(local_only=True), timeout=10
+        )
+        return list(puts), after
+
+
+def test_a_plain_client_s_requests_for_other_leaders_go_through_the_raft_link(
     cluster3: LocalCluster,
 ) -> None:
-    """One RPC per operation, all to one node, as a grpcurl or Go stub would send them: the
-    node forwards what other nodes lead in Forward batches, and every reply is right."""
+    """A node that follows the key's shard serves the request itself: the write is proposed
+    to the leader over the Raft link and the linearizable read asks the leader for a read
+    index; no gRPC hop, and every reply is right."""
     status = cluster3.status()
     entry = status.nodes[0]
     led_elsewhere = {s.shard_id for s in status.shards if s.leader != entry.id}
     assert led_elsewhere, "leader balancing gives every node some shards"
-
-    async def run() -> tuple[int, kv.StatusResponse]:
-        async with grpc.aio.insecure_channel(entry.grpc) as channel:
-            stub = kv_grpc.KVStub(channel)
-            keys = [f"plain-{i}".encode() for i in range(300)]
-            puts = await asyncio.gather(
-                *(stub.Put(kv.PutRequest(key=k, value=k[::-1]), timeout=10) for k in keys)
-            )
-            gets = await asyncio.gather(*(stub.Get(kv.GetRequest(key=k), timeout=10) for k in keys))
-            assert [g.value for g in gets] == [k[::-1] for k in keys]
-            assert all(p.version >= 1 for p in puts)
-            remote = sum(1 for p in puts if p.header.shard_id in led_elsewhere)
-            after = await kv_grpc.ClusterStub(channel).Status(
-                kv.StatusRequest(local_only=True), timeout=10
-            )
-            return remote, after
-
-    remote, after = asyncio.run(run())
+    with cluster3.channel(entry.id) as ch:
+        local = kv.StatusRequest(local_only=True)
+        before = kv_grpc.ClusterStub(ch).Status(local, timeout=5).via_leader_requests
+    keys = [f"plain-{i}".encode() for i in range(300)]
+    puts, after = asyncio.run(_plain_requests_to(entry.grpc, keys))
+    remote = sum(1 for p in puts if p.header.shard_id in led_elsewhere)
     assert remote > 0
-    # every put and linearizable get for a shard led elsewhere was forwarded...
-    assert after.forwarded_requests >= 2 * remote
-    # ...and they shared calls: 600 requests in flight at once do not need 600 Forward calls
-    # (a request that arrives while a batch to its leader node is out waits and joins the
-    # next one; how many join depends on the machine's speed, so only a clear share is asked)
-    assert 0 < after.forward_batches < 0.8 * after.forwarded_requests
+    # every put and linearizable get for a shard led elsewhere went through its leader, over
+    # the Raft link or (if the leader changed meanwhile) forwarded over gRPC
+    served = after.via_leader_requests - before
+    assert served + after.forwarded_requests >= 2 * remote
+    assert served >= remote
 
     async def read_back() -> bytes:
         async with Client(cluster3.endpoints) as c:
             return (await c.get(b"plain-7")).value
 
     assert asyncio.run(read_back()) == b"7-nialp"
+
+
+def test_requests_for_shards_a_node_does_not_host_travel_in_forward_batches(
+    tmp_path: Path,
+) -> None:
+    """4 nodes, 2 replicas per shard: the entry node holds no replica of some shards, so it
+    forwards those requests to their leaders in Forward batches of the bytes it received."""
+    with LocalCluster.create(tmp_path, nodes=4, shards=8, replicas=2) as cluster:
+        cluster.start()
+        status = cluster.status()
+        entry = status.nodes[0]
+        hosted = {s.shard_id for s in status.shards if entry.id in s.replicas}
+        keys = [f"far-{i}".encode() for i in range(300)]
+        puts, after = asyncio.run(_plain_requests_to(entry.grpc, keys))
+        elsewhere = sum(1 for p in puts if p.header.shard_id not in hosted)
+        assert elsewhere > 0, f"node {entry.id} hosts every shard: {sorted(hosted)}"
+        assert after.forwarded_requests >= 2 * elsewhere
+        # 600 requests in flight at once do not need 600 Forward calls: a request that
+        # arrives while a batch to its leader node is out waits and joins the next one (how
+        # many join depends on the machine's speed, so only a clear share is asked)
+        assert 0 < after.forward_batches < 0.8 * after.forwarded_requests

@@ -50,6 +50,9 @@ MESSAGES = [
     {"type": "apply_command_response", "request_id": 5, "error": 4},
     {"type": "apply_command_response", "request_id": 5, "log_idx": 20, "log_term": 3},
     {"type": "timeout_now", "term": 8},
+    {"type": "read_index", "request_id": 9},
+    {"type": "read_index_response", "request_id": 9, "outcome": 0, "index": 41},
+    {"type": "read_index_response", "request_id": 9, "outcome": 1, "index": 0},
 ]
 
 

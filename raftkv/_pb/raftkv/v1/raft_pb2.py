@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14raftkv/v1/raft.proto\x12\traftkv.v1\"\xbe\x04\n\tRaftFrame\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x1f\n\x04ping\x18\x02 \x01(\x0b\x32\x0f.raftkv.v1.PingH\x00\x12*\n\npeer_state\x18\x03 \x01(\x0b\x32\x14.raftkv.v1.PeerStateH\x00\x12-\n\x0bincarnation\x18\x04 \x01(\x0b\x32\x16.raftkv.v1.IncarnationH\x00\x12.\n\x0crequest_vote\x18\n \x01(\x0b\x32\x16.raftkv.v1.RequestVoteH\x00\x12\x30\n\rresponse_vote\x18\x0b \x01(\x0b\x32\x17.raftkv.v1.ResponseVoteH\x00\x12\x32\n\x0e\x61ppend_entries\x18\x0c \x01(\x0b\x32\x18.raftkv.v1.AppendEntriesH\x00\x12\x36\n\x10install_snapshot\x18\r \x01(\x0b\x32\x1a.raftkv.v1.InstallSnapshotH\x00\x12*\n\nnext_index\x18\x0e \x01(\x0b\x32\x14.raftkv.v1.NextIndexH\x00\x12\x30\n\rapply_command\x18\x0f \x01(\x0b\x32\x17.raftkv.v1.ApplyCommandH\x00\x12\x41\n\x16\x61pply_command_response\x18\x10 \x01(\x0b\x32\x1f.raftkv.v1.ApplyCommandResponseH\x00\x12,\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x15.raftkv.v1.TimeoutNowH\x00\x42\x06\n\x04\x62ody\"\x06\n\x04Ping\"y\n\tPeerState\x12\x39\n\x0bshard_terms\x18\x01 \x03(\x0b\x32$.raftkv.v1.PeerState.ShardTermsEntry\x1a\x31\n\x0fShardTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x19\n\x0bIncarnation\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x0bRequestVote\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x02 \x01(\x04\x12\x15\n\rlast_log_term\x18\x03 \x01(\x04\"\x1c\n\x0cResponseVote\x12\x0c\n\x04term\x18\x01 \x01(\x04\"\xdb\x01\n\rAppendEntries\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x02 \x01(\x04\x12\x1b\n\x0eprev_log_index\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rprev_log_term\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x0b\x66irst_index\x18\x06 \x01(\x04\x12\r\n\x05terms\x18\x07 \x03(\x04\x12\x10\n\x08\x63ommands\x18\x08 \x03(\x0c\x12\x12\n\nread_round\x18\t \x01(\x04\x42\x11\n\x0f_prev_log_indexB\x10\n\x0e_prev_log_term\"r\n\x0fInstallSnapshot\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.raftkv.v1.SnapshotChunk\x12\x12\n\nread_round\x18\x04 \x01(\x04\":\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\"S\n\tNextIndex\x12\x12\n\nnext_index\x18\x01 \x01(\x04\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x12\n\nread_round\x18\x04 \x01(\x04\"G\n\x0c\x41pplyCommand\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\x17\n\nrequest_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_request_id\"m\n\x14\x41pplyCommandResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tlog_index\x18\x03 \x01(\x04\x12\x10\n\x08log_term\x18\x04 \x01(\x04\x42\x08\n\x06_error\"\x1a\n\nTimeoutNow\x12\x0c\n\x04term\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14raftkv/v1/raft.proto\x12\traftkv.v1\"\xb6\x05\n\tRaftFrame\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x1f\n\x04ping\x18\x02 \x01(\x0b\x32\x0f.raftkv.v1.PingH\x00\x12*\n\npeer_state\x18\x03 \x01(\x0b\x32\x14.raftkv.v1.PeerStateH\x00\x12-\n\x0bincarnation\x18\x04 \x01(\x0b\x32\x16.raftkv.v1.IncarnationH\x00\x12.\n\x0crequest_vote\x18\n \x01(\x0b\x32\x16.raftkv.v1.RequestVoteH\x00\x12\x30\n\rresponse_vote\x18\x0b \x01(\x0b\x32\x17.raftkv.v1.ResponseVoteH\x00\x12\x32\n\x0e\x61ppend_entries\x18\x0c \x01(\x0b\x32\x18.raftkv.v1.AppendEntriesH\x00\x12\x36\n\x10install_snapshot\x18\r \x01(\x0b\x32\x1a.raftkv.v1.InstallSnapshotH\x00\x12*\n\nnext_index\x18\x0e \x01(\x0b\x32\x14.raftkv.v1.NextIndexH\x00\x12\x30\n\rapply_command\x18\x0f \x01(\x0b\x32\x17.raftkv.v1.ApplyCommandH\x00\x12\x41\n\x16\x61pply_command_response\x18\x10 \x01(\x0b\x32\x1f.raftkv.v1.ApplyCommandResponseH\x00\x12,\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x15.raftkv.v1.TimeoutNowH\x00\x12\x39\n\x12read_index_request\x18\x12 \x01(\x0b\x32\x1b.raftkv.v1.ReadIndexRequestH\x00\x12;\n\x13read_index_response\x18\x13 \x01(\x0b\x32\x1c.raftkv.v1.ReadIndexResponseH\x00\x42\x06\n\x04\x62ody\"\x06\n\x04Ping\"y\n\tPeerState\x12\x39\n\x0bshard_terms\x18\x01 \x03(\x0b\x32$.raftkv.v1.PeerState.ShardTermsEntry\x1a\x31\n\x0fShardTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x19\n\x0bIncarnation\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x0bRequestVote\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x02 \x01(\x04\x12\x15\n\rlast_log_term\x18\x03 \x01(\x04\"\x1c\n\x0cResponseVote\x12\x0c\n\x04term\x18\x01 \x01(\x04\"\xdb\x01\n\rAppendEntries\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x02 \x01(\x04\x12\x1b\n\x0eprev_log_index\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rprev_log_term\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x0b\x66irst_index\x18\x06 \x01(\x04\x12\r\n\x05terms\x18\x07 \x03(\x04\x12\x10\n\x08\x63ommands\x18\x08 \x03(\x0c\x12\x12\n\nread_round\x18\t \x01(\x04\x42\x11\n\x0f_prev_log_indexB\x10\n\x0e_prev_log_term\"r\n\x0fInstallSnapshot\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.raftkv.v1.SnapshotChunk\x12\x12\n\nread_round\x18\x04 \x01(\x04\":\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\"S\n\tNextIndex\x12\x12\n\nnext_index\x18\x01 \x01(\x04\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x12\n\nread_round\x18\x04 \x01(\x04\"G\n\x0c\x41pplyCommand\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\x17\n\nrequest_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_request_id\"m\n\x14\x41pplyCommandResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tlog_index\x18\x03 \x01(\x04\x12\x10\n\x08log_term\x18\x04 \x01(\x04\x42\x08\n\x06_error\"&\n\x10ReadIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"\x9d\x01\n\x11ReadIndexResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x35\n\x07outcome\x18\x02 \x01(\x0e\x32$.raftkv.v1.ReadIndexResponse.Outcome\x12\r\n\x05index\x18\x03 \x01(\x04\".\n\x07Outcome\x12\x06\n\x02OK\x10\x00\x12\x0e\n\nNOT_LEADER\x10\x01\x12\x0b\n\x07\x46ORWARD\x10\x02\"\x1a\n\nTimeoutNow\x12\x0c\n\x04term\x18\x01 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERSTATE_SHARDTERMSENTRY']._loaded_options = None
   _globals['_PEERSTATE_SHARDTERMSENTRY']._serialized_options = b'8\001'
   _globals['_RAFTFRAME']._serialized_start=36
-  _globals['_RAFTFRAME']._serialized_end=610
-  _globals['_PING']._serialized_start=612
-  _globals['_PING']._serialized_end=618
-  _globals['_PEERSTATE']._serialized_start=620
-  _globals['_PEERSTATE']._serialized_end=741
-  _globals['_PEERSTATE_SHARDTERMSENTRY']._serialized_start=692
-  _globals['_PEERSTATE_SHARDTERMSENTRY']._serialized_end=741
-  _globals['_INCARNATION']._serialized_start=743
-  _globals['_INCARNATION']._serialized_end=768
-  _globals['_REQUESTVOTE']._serialized_start=770
-  _globals['_REQUESTVOTE']._serialized_end=844
-  _globals['_RESPONSEVOTE']._serialized_start=846
-  _globals['_RESPONSEVOTE']._serialized_end=874
-  _globals['_APPENDENTRIES']._serialized_start=877
-  _globals['_APPENDENTRIES']._serialized_end=1096
-  _globals['_INSTALLSNAPSHOT']._serialized_start=1098
-  _globals['_INSTALLSNAPSHOT']._serialized_end=1212
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1214
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1272
-  _globals['_NEXTINDEX']._serialized_start=1274
-  _globals['_NEXTINDEX']._serialized_end=1357
-  _globals['_APPLYCOMMAND']._serialized_start=1359
-  _globals['_APPLYCOMMAND']._serialized_end=1430
-  _globals['_APPLYCOMMANDRESPONSE']._serialized_start=1432
-  _globals['_APPLYCOMMANDRESPONSE']._serialized_end=1541
-  _globals['_TIMEOUTNOW']._serialized_start=1543
-  _globals['_TIMEOUTNOW']._serialized_end=1569
+  _globals['_RAFTFRAME']._serialized_end=730
+  _globals['_PING']._serialized_start=732
+  _globals['_PING']._serialized_end=738
+  _globals['_PEERSTATE']._serialized_start=740
+  _globals['_PEERSTATE']._serialized_end=861
+  _globals['_PEERSTATE_SHARDTERMSENTRY']._serialized_start=812
+  _globals['_PEERSTATE_SHARDTERMSENTRY']._serialized_end=861
+  _globals['_INCARNATION']._serialized_start=863
+  _globals['_INCARNATION']._serialized_end=888
+  _globals['_REQUESTVOTE']._serialized_start=890
+  _globals['_REQUESTVOTE']._serialized_end=964
+  _globals['_RESPONSEVOTE']._serialized_start=966
+  _globals['_RESPONSEVOTE']._serialized_end=994
+  _globals['_APPENDENTRIES']._serialized_start=997
+  _globals['_APPENDENTRIES']._serialized_end=1216
+  _globals['_INSTALLSNAPSHOT']._serialized_start=1218
+  _globals['_INSTALLSNAPSHOT']._serialized_end=1332
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1334
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1392
+  _globals['_NEXTINDEX']._serialized_start=1394
+  _globals['_NEXTINDEX']._serialized_end=1477
+  _globals['_APPLYCOMMAND']._serialized_start=1479
+  _globals['_APPLYCOMMAND']._serialized_end=1550
+  _globals['_APPLYCOMMANDRESPONSE']._serialized_start=1552
+  _globals['_APPLYCOMMANDRESPONSE']._serialized_end=1661
+  _globals['_READINDEXREQUEST']._serialized_start=1663
+  _globals['_READINDEXREQUEST']._serialized_end=1701
+  _globals['_READINDEXRESPONSE']._serialized_start=1704
+  _globals['_READINDEXRESPONSE']._serialized_end=1861
+  _globals['_READINDEXRESPONSE_OUTCOME']._serialized_start=1815
+  _globals['_READINDEXRESPONSE_OUTCOME']._serialized_end=1861
+  _globals['_TIMEOUTNOW']._serialized_start=1863
+  _globals['_TIMEOUTNOW']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RaftFrame(_message.Message):
-    __slots__ = ("shard_id", "ping", "peer_state", "incarnation", "request_vote", "response_vote", "append_entries", "install_snapshot", "next_index", "apply_command", "apply_command_response", "timeout_now")
+    __slots__ = ("shard_id", "ping", "peer_state", "incarnation", "request_vote", "response_vote", "append_entries", "install_snapshot", "next_index", "apply_command", "apply_command_response", "timeout_now", "read_index_request", "read_index_response")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     PEER_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +21,8 @@ class RaftFrame(_message.Message):
     APPLY_COMMAND_FIELD_NUMBER: _ClassVar[int]
     APPLY_COMMAND_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_NOW_FIELD_NUMBER: _ClassVar[int]
+    READ_INDEX_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    READ_INDEX_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     ping: Ping
     peer_state: PeerState
@@ -32,7 +35,9 @@ class RaftFrame(_message.Message):
     apply_command: ApplyCommand
     apply_command_response: ApplyCommandResponse
     timeout_now: TimeoutNow
-    def __init__(self, shard_id: _Optional[int] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., peer_state: _Optional[_Union[PeerState, _Mapping]] = ..., incarnation: _Optional[_Union[Incarnation, _Mapping]] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., response_vote: _Optional[_Union[ResponseVote, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., next_index: _Optional[_Union[NextIndex, _Mapping]] = ..., apply_command: _Optional[_Union[ApplyCommand, _Mapping]] = ..., apply_command_response: _Optional[_Union[ApplyCommandResponse, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ...) -> None: ...
+    read_index_request: ReadIndexRequest
+    read_index_response: ReadIndexResponse
+    def __init__(self, shard_id: _Optional[int] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., peer_state: _Optional[_Union[PeerState, _Mapping]] = ..., incarnation: _Optional[_Union[Incarnation, _Mapping]] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., response_vote: _Optional[_Union[ResponseVote, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., next_index: _Optional[_Union[NextIndex, _Mapping]] = ..., apply_command: _Optional[_Union[ApplyCommand, _Mapping]] = ..., apply_command_response: _Optional[_Union[ApplyCommandResponse, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ..., read_index_request: _Optional[_Union[ReadIndexRequest, _Mapping]] = ..., read_index_response: _Optional[_Union[ReadIndexResponse, _Mapping]] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ()
@@ -146,6 +151,30 @@ class ApplyCommandResponse(_message.Message):
     log_index: int
     log_term: int
     def __init__(self, request_id: _Optional[int] = ..., error: _Optional[int] = ..., log_index: _Optional[int] = ..., log_term: _Optional[int] = ...) -> None: ...
+
+class ReadIndexRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
+
+class ReadIndexResponse(_message.Message):
+    __slots__ = ("request_id", "outcome", "index")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[ReadIndexResponse.Outcome]
+        NOT_LEADER: _ClassVar[ReadIndexResponse.Outcome]
+        FORWARD: _ClassVar[ReadIndexResponse.Outcome]
+    OK: ReadIndexResponse.Outcome
+    NOT_LEADER: ReadIndexResponse.Outcome
+    FORWARD: ReadIndexResponse.Outcome
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    outcome: ReadIndexResponse.Outcome
+    index: int
+    def __init__(self, request_id: _Optional[int] = ..., outcome: _Optional[_Union[ReadIndexResponse.Outcome, str]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TimeoutNow(_message.Message):
     __slots__ = ("term",)
