@@ -29,6 +29,13 @@ def put_batch(items: list[tuple[bytes, bytes]], client_id: bytes = b"", seq: int
     ).SerializeToString()
 
 
+def put_batch_encoded(batch: bytes, client_id: bytes = b"", seq: int = 0) -> bytes:
+    """A batch of puts given as an encoded ``BatchOp`` (or anything wire-identical to one)."""
+    cmd = pb.Command(client_id=client_id, seq=seq)
+    cmd.batch.MergeFromString(batch)
+    return cmd.SerializeToString()
+
+
 def delete(key: bytes, client_id: bytes = b"", seq: int = 0) -> bytes:
     return pb.Command(client_id=client_id, seq=seq, delete=pb.DeleteOp(key=key)).SerializeToString()
 

@@ -691,7 +691,8 @@ class Node:
         # A follower replica here can reach its leader over the Raft link (see
         # ShardReplica.via_leader): cheaper than a gRPC hop, and the reply is built here.
         # Once that fails (leader changed, or it refused), this request forwards over gRPC.
-        through_raft = not forwarded
+        # Not for the meta group: view updates run at its leader, one at a time.
+        through_raft = not forwarded and shard_id != META_SHARD
         while True:
             replica = self.replicas.get(shard_id)
             if replica is not None and (replica.is_leader or (through_raft and replica.via_leader)):

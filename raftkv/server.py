@@ -343,6 +343,15 @@ def _key_error(e: RaftKVError) -> kv.KeyError:
     return err
 
 
+@dataclass(frozen=True, slots=True)
+class _SamePerKey:
+    """A bulk part whose keys all got one result (a shard's puts commit as one entry): spares
+    building, then reading back, one result message per key."""
+
+    result: Any
+    headers: list[kv.ResponseHeader]
+
+
 async def _fan_out(
     groups: dict[int, list[int]],
     size: int,
@@ -361,6 +370,10 @@ async def _fan_out(
                 results[i] = result(shard_id=shard, error=_key_error(e))
             return
         headers.extend(resp.headers)
+        if isinstance(resp, _SamePerKey):
+            for i in positions:
+                results[i] = resp.result
+            return
         for i, r in zip(positions, resp.results, strict=True):
             results[i] = r
 
@@ -669,12 +682,20 @@ class KVService:
                 f"{len(keys)} items; a bulk request takes at most {self.limits.max_bulk_items}"
             )
         groups: dict[int, list[int]] = {}
+        shard_for = self.node.ring.shard_for
+        max_key = self.limits.max_key_bytes
         for i, key in enumerate(keys):
-            try:
-                self.limits.check(key)
-            except InvalidArgument as e:
-                raise InvalidArgument(f"item {i}: {e}") from None
-            groups.setdefault(self.node.shard_for(key), []).append(i)
+            if not key or len(key) > max_key:
+                try:
+                    self.limits.check(key)  # says what is wrong with it
+                except InvalidArgument as e:
+                    raise InvalidArgument(f"item {i}: {e}") from None
+            shard = shard_for(key)
+            group = groups.get(shard)
+            if group is None:
+                groups[shard] = [i]
+            else:
+                group.append(i)
         return groups
 
     async def put_many(self, request: kv.PutManyRequest, context: Context, caller: Caller) -> Any:
@@ -690,16 +711,17 @@ class KVService:
         rid = kv.RequestId(client_id=client_id, seq=seq)
         md = caller.forward_metadata
 
-        async def one_shard(shard: int, positions: list[int]) -> kv.PutManyResponse:
+        async def one_shard(shard: int, positions: list[int]) -> kv.PutManyResponse | _SamePerKey:
             part = [items[i] for i in positions]
-            data = command.put_batch([(it.key, it.value) for it in part], client_id, seq)
-            sub = kv.PutManyRequest(items=part, request_id=rid)
+            sub = kv.PutManyRequest(items=part)
+            sub.DiscardUnknownFields()  # only keys and values enter the log
+            # A PutManyRequest without its id is a BatchOp on the wire (both are a repeated
+            # key=1/value=2 message at field 1): encode once in C, not a PutOp per key here.
+            data = command.put_batch_encoded(sub.SerializeToString(), client_id, seq)
+            sub.request_id.CopyFrom(rid)
 
-            def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.PutManyResponse:
-                return kv.PutManyResponse(
-                    results=[kv.PutResult(shard_id=shard, version=r.version) for _ in part],
-                    headers=[h],
-                )
+            def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> _SamePerKey:
+                return _SamePerKey(kv.PutResult(shard_id=shard, version=r.version), [h])
 
             return await self._write(
                 shard,

@@ -950,6 +950,11 @@ class ShardReplica:
         def done(result: Any, error: int) -> None:  # Raft thread
             # pysyncobj calls back before it bumps lastApplied past this entry.
             applied = self._group.last_applied() + 1 if error == FAIL_REASON.SUCCESS else 0
+            if not leading and error in (FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
+                # Sent to the leader and lost track of (the leader changed or its link went
+                # down). Every command carries a request id the state machine deduplicates,
+                # so the caller may send it again over gRPC: it applies at most once.
+                error = FAIL_REASON.NOT_LEADER
             loop.call_soon_threadsafe(_settle, future, result, error, applied, self)
 
         self._inflight.add(future)

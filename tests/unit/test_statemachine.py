@@ -98,3 +98,20 @@ def test_request_id_hashes_survive_a_snapshot() -> None:
     restored.restore(sm.snapshot())
     again = restored.apply(command.put(b"a", b"v", b"client", 1), index=3)
     assert again.code == pb.CommandResult.REQUEST_ID_REUSED
+
+
+def test_a_bulk_request_s_bytes_make_the_same_batch_command() -> None:
+    """PutMany's items are encoded once and used as the BatchOp as they are: the command must
+    be the one built key by key, and a client's unknown fields must not reach the log."""
+    from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+
+    items = [(b"a", b"1"), (b"b", b""), (b"\x00\xff", b"v" * 300)]
+    request = kv.PutManyRequest(items=[kv.KeyValue(key=k, value=v) for k, v in items])
+    # a client's item with a field raftkv does not know (number 9, bytes)
+    request.items[0].MergeFromString(b"\x4a\x03zzz")
+    request.DiscardUnknownFields()
+    encoded = command.put_batch_encoded(request.SerializeToString(), b"client", 7)
+    assert command.decode(encoded) == command.decode(command.put_batch(items, b"client", 7))
+    sm = StateMachine()
+    assert sm.apply(encoded, index=4).version == 4
+    assert [sm.get(k) for k, _ in items] == [(v, 4) for _, v in items]
