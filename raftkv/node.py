@@ -82,6 +82,9 @@ VIEW_REFRESH_S = 0.5
 ENSURE_EPOCH_HOLD_S = 0.5
 # After a peer refuses a connection, do not try it again for this long.
 PEER_BACKOFF_S = 0.3
+# How long a node holding a voter of the shard waits for its own replica to learn the leader
+# before it asks the group's other replicas (about an election's worth).
+VOTER_PATIENCE_S = 1.5
 
 
 class Peer:
@@ -657,7 +660,7 @@ class Node:
             leader_endpoint=self.endpoints.get(leader, ""),
         )
 
-    def _next_target(self, shard_id: int, tried: set[str]) -> str:
+    def _next_target(self, shard_id: int, tried: set[str], patient: bool) -> str:
         """The node to forward to: the known leader, else any replica not tried lately."""
         now = time.monotonic()
         leader = self.leader_of(shard_id)
@@ -665,9 +668,11 @@ class Node:
         if peer is not None and now - peer.failed_at > PEER_BACKOFF_S:
             return leader
         replica = self.replicas.get(shard_id)
-        if replica is not None and not replica.joining:
-            return ""  # we are a voter: wait for our own group to learn the leader
-        # (A replica still joining hears from no leader until it has been added: ask others.)
+        if patient and replica is not None and not replica.joining:
+            return ""  # we are a voter: our own group learns the leader within an election
+        # A replica still joining hears from no leader until it has been added, and one whose
+        # addition a new leader truncated hears from none at all (the leader does not know it):
+        # ask the others, whose replies name the leader.
         for n in self.view.group(shard_id).replicas:
             peer = self.peers.get(n)
             if peer is not None and n not in tried and now - peer.failed_at > PEER_BACKOFF_S:
@@ -687,6 +692,7 @@ class Node:
         if not self.started:
             raise Unavailable(f"node {self.id} is starting or stopping", shard_id=shard_id)
         tried: set[str] = set()
+        started = time.monotonic()
         delay = 0.01
         # A follower replica here can reach its leader over the Raft link (see
         # ShardReplica.via_leader): cheaper than a gRPC hop, and the reply is built here.
@@ -711,7 +717,8 @@ class Node:
                     raise replica.not_leader()
                 raise self.unavailable(shard_id, f"node {self.id} holds no replica")
             else:
-                target = self._next_target(shard_id, tried)
+                patient = time.monotonic() - started < VOTER_PATIENCE_S
+                target = self._next_target(shard_id, tried, patient)
                 if target:
                     tried.add(target)
                     peer = self.peers[target]

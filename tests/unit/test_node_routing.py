@@ -10,7 +10,7 @@ import pytest
 
 from raftkv import command
 from raftkv.errors import NotLeader, ProposalTimeout, Unavailable, status_for
-from raftkv.node import Node, Peer
+from raftkv.node import VOTER_PATIENCE_S, Node, Peer
 from raftkv.replica import Replica
 from raftkv.statemachine import digest_of
 from raftkv.testing.fake_replica import FakeReplica, fake_node
@@ -126,6 +126,19 @@ def test_no_leader_anywhere_is_unavailable_by_the_deadline(tmp_path: Path) -> No
     assert calls.remote == []  # a voter waits for its own group to elect, it does not guess
     assert "no leader is known" in str(e.value)
     assert time.monotonic() - started < 2.0
+
+
+def test_a_voter_that_hears_no_leader_for_long_asks_the_group(tmp_path: Path) -> None:
+    """A replica whose addition a new leader truncated believes it is a voter, but no leader
+    talks to it: after an election's worth of waiting its node asks the other replicas (the
+    mover at the meta leader stalled for good on this)."""
+    node, fakes = fake_node(tmp_path)
+    fakes[0].lose_leader()
+    calls = Calls()
+    others = [n for n in node.view.group(0).replicas if n != "n1"]
+    started = time.monotonic()
+    assert _route(node, 0, calls, forwarded=False, wait=5.0) == f"remote:{others[0]}"
+    assert time.monotonic() - started >= VOTER_PATIENCE_S
 
 
 def test_a_stopped_node_routes_nothing(tmp_path: Path) -> None:
