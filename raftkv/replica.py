@@ -9,8 +9,9 @@ or disks.
 
 What a caller must do, as etcd-io/raft's interface comments say:
 
-* Check :attr:`Replica.is_leader` (or be ready for :class:`~raftkv.errors.NotLeader`) before
-  proposing or reading: a follower refuses both, naming the leader it knows.
+* Check :attr:`Replica.is_leader` or :attr:`Replica.via_leader` (or be ready for
+  :class:`~raftkv.errors.NotLeader`) before proposing or reading: any other follower refuses
+  both, naming the leader it knows.
 * A proposal or barrier that raises :class:`~raftkv.errors.ProposalTimeout` may still commit:
   retry with the same request id, and the state machine applies it at most once.
 * :meth:`Replica.read_local` alone is a stale read. It is linearizable only after a
