@@ -213,8 +213,12 @@ class Workload:
     async def _client(self, index: int) -> None:
         rng = random.Random(self.rng.random())
         seen: dict[bytes, bytes] = {}
+        # Half the clients know no leaders, as a plain gRPC client would: their requests land
+        # on followers, which serve them through their leader over the Raft link.
         async with self.cluster.client(
-            timeout=self.op_timeout, attempt_timeout=min(2.0, self.op_timeout)
+            timeout=self.op_timeout,
+            attempt_timeout=min(2.0, self.op_timeout),
+            leader_aware=index % 2 == 0,
         ) as c:
             while not self.stop.is_set():
                 key = rng.choice(self.keys)
