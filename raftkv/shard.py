@@ -519,17 +519,7 @@ class ShardReplica:
         client hears why. Not leader: pysyncobj answers NOT_LEADER itself."""
         if not self._group._isLeader():
             return False
-        data = message["command"]
-        refuse = bool(self._failed) or len(data) > MAX_COMMAND_BYTES
-        failure = self._write_error
-        if failure is not None and time.monotonic() - failure[0] < WRITE_ERROR_HOLD_S:
-            refuse = True
-        journal = self._journal
-        if journal.low_on_space and journal.room() < len(data) + RECORD_OVERHEAD + (
-            WRITE_HEADROOM_BYTES
-        ):
-            refuse = True
-        if not refuse:
+        if self._write_refusal(len(message["command"]), WRITE_HEADROOM_BYTES) is None:
             return False
         node = self._transport.peers.get(peer_id)
         if node is not None and "request_id" in message:
@@ -904,14 +894,34 @@ class ShardReplica:
             leader=leader,
         )
 
-    def _check_writable(self) -> None:
+    def _write_refusal(self, size: int, headroom: int | None) -> RaftKVError | None:
+        """Why this replica cannot take a command of ``size`` bytes now, or None. With a
+        ``headroom`` (at the leader, where the command enters the log) the journal must also
+        have room for it and that much more."""
+        if size > MAX_COMMAND_BYTES:
+            return InvalidArgument(
+                f"command of {size} bytes; the limit is {MAX_COMMAND_BYTES} bytes"
+            )
         if self._failed:
-            raise Unavailable(f"shard {self.shard_id} on {self.node_id}: {self._failed}")
+            return Unavailable(f"shard {self.shard_id} on {self.node_id}: {self._failed}")
         failure = self._write_error
         if failure is not None and time.monotonic() - failure[0] < WRITE_ERROR_HOLD_S:
             error = failure[1]
             cls = NoSpace if error.no_space else Unavailable
-            raise cls(f"{error}; writes are refused until it succeeds again")
+            return cls(f"{error}; writes are refused until it succeeds again")
+        journal = self._journal
+        if (
+            headroom is not None
+            and journal.low_on_space
+            and journal.room() < size + RECORD_OVERHEAD + headroom
+        ):
+            # The disk gave the journal no more room: refused before it entered the log, so
+            # certainly not applied and nothing left in doubt.
+            return NoSpace(
+                f"shard {self.shard_id}: no space left on the data disk for "
+                f"{journal.path}; writes are refused until space is freed"
+            )
+        return None
 
     async def propose(
         self, data: bytes, timeout: float, *, headroom: int = WRITE_HEADROOM_BYTES
@@ -925,23 +935,9 @@ class ShardReplica:
         leading = self.is_leader
         if not leading and not self._via_leader:
             raise self.not_leader()
-        if len(data) > MAX_COMMAND_BYTES:
-            raise InvalidArgument(
-                f"command of {len(data)} bytes; the limit is {MAX_COMMAND_BYTES} bytes"
-            )
-        self._check_writable()
-        journal = self._journal
-        if (
-            leading
-            and journal.low_on_space
-            and journal.room() < len(data) + RECORD_OVERHEAD + headroom
-        ):
-            # The disk gave the journal no more room: refused before it entered the log, so
-            # certainly not applied and nothing left in doubt.
-            raise NoSpace(
-                f"shard {self.shard_id}: no space left on the data disk for "
-                f"{self._journal.path}; writes are refused until space is freed"
-            )
+        refusal = self._write_refusal(len(data), headroom if leading else None)
+        if refusal is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[tuple[pb.CommandResult, int]] = loop.create_future()

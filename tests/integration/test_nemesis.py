@@ -46,6 +46,21 @@ def test_faults_under_load_lose_nothing_and_stay_linearizable(tmp_path: Path) ->
     assert report.acknowledged_series > 50, report.summary()
 
 
+def _write_new_through_the_majority(cluster: LocalCluster, majority: list[str]) -> None:
+    """Once the majority side has elected a leader of shard 0, write x = b"new" through it."""
+    from raftkv._pb.raftkv.v1 import kv_pb2 as kv
+    from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
+    from raftkv.testing.cluster import wait_for
+
+    def new_leader() -> str | None:
+        leader = cluster.leaders(majority[0]).get(0)
+        return leader if leader in majority else None
+
+    leader = wait_for(new_leader, 20, "the majority side to elect a leader")
+    with cluster.channel(leader) as ch:
+        kv_grpc.KVStub(ch).Put(kv.PutRequest(key=b"x", value=b"new"), timeout=10)
+
+
 def _read_is_not_stale(cluster: LocalCluster, node: str, timeout: float) -> None:
     """A linearizable read of ``x`` through ``node`` fails or sees b"new", never b"old"."""
     import grpc
@@ -67,7 +82,6 @@ def test_a_partitioned_leader_never_serves_a_stale_read(tmp_path: Path) -> None:
 
     from raftkv._pb.raftkv.v1 import kv_pb2 as kv
     from raftkv._pb.raftkv.v1 import kv_pb2_grpc as kv_grpc
-    from raftkv.testing.cluster import wait_for
 
     usable, why = nemesis.Partitioner.available()
     if not usable:
@@ -80,15 +94,7 @@ def test_a_partitioned_leader_never_serves_a_stale_read(tmp_path: Path) -> None:
         partitioner.install()
         try:
             partitioner.cut(old_leader)
-            majority = [n for n in cluster.nodes if n != old_leader]
-
-            def new_leader() -> str | None:
-                leader = cluster.leaders(majority[0]).get(0)
-                return leader if leader in majority else None
-
-            leader = wait_for(new_leader, 20, "the majority side to elect a leader")
-            with cluster.channel(leader) as ch:
-                kv_grpc.KVStub(ch).Put(kv.PutRequest(key=b"x", value=b"new"), timeout=10)
+            _write_new_through_the_majority(cluster, [n for n in cluster.nodes if n != old_leader])
             # The old leader may still believe it leads; a linearizable read through it must
             # fail or see the new value, never return "old".
             _read_is_not_stale(cluster, old_leader, timeout=8)
@@ -144,14 +150,7 @@ def test_a_follower_of_a_partitioned_leader_never_serves_a_stale_read(tmp_path: 
             partitioner.split({old_leader, follower})
             cut_at = time.monotonic()
             majority = [n for n in cluster.nodes if n not in (old_leader, follower)]
-
-            def new_leader() -> str | None:
-                leader = cluster.leaders(majority[0]).get(0)
-                return leader if leader in majority else None
-
-            leader = wait_for(new_leader, 20, "the majority side to elect a leader")
-            with cluster.channel(leader) as ch:
-                kv_grpc.KVStub(ch).Put(kv.PutRequest(key=b"x", value=b"new"), timeout=10)
+            _write_new_through_the_majority(cluster, majority)
             with cluster.channel(follower) as ch:
                 local = kv.StatusRequest(local_only=True)
                 status = kv_grpc.ClusterStub(ch).Status(local, timeout=5)
