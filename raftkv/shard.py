@@ -308,8 +308,8 @@ class ShardReplica:
     def _may_start_round(self) -> bool:
         # One heartbeat round in flight per shard: reads that arrive meanwhile wait for it to
         # be confirmed and share the next one. Every round costs an AppendEntries to each
-        # follower and a reply from each; under read load that was most of the Raft thread's
-        # work. A round unconfirmed for long (no quorum) does not hold the next one back.
+        # follower and a reply from each, all on the Raft threads. A round unconfirmed for
+        # long (no quorum) does not hold the next one back.
         if not self._read_rounds:
             return True
         return time.monotonic() - self._round_started > ROUND_PATIENCE_S
