@@ -21,14 +21,6 @@ def put(key: bytes, value: bytes, client_id: bytes = b"", seq: int = 0) -> bytes
     ).SerializeToString()
 
 
-def put_batch(items: list[tuple[bytes, bytes]], client_id: bytes = b"", seq: int = 0) -> bytes:
-    return pb.Command(
-        client_id=client_id,
-        seq=seq,
-        batch=pb.BatchOp(puts=[pb.PutOp(key=k, value=v) for k, v in items]),
-    ).SerializeToString()
-
-
 def put_batch_encoded(batch: bytes, client_id: bytes = b"", seq: int = 0) -> bytes:
     """A batch of puts given as an encoded ``BatchOp`` (or anything wire-identical to one)."""
     cmd = pb.Command(client_id=client_id, seq=seq)

@@ -111,7 +111,12 @@ def test_a_bulk_request_s_bytes_make_the_same_batch_command() -> None:
     request.items[0].MergeFromString(b"\x4a\x03zzz")
     request.DiscardUnknownFields()
     encoded = command.put_batch_encoded(request.SerializeToString(), b"client", 7)
-    assert command.decode(encoded) == command.decode(command.put_batch(items, b"client", 7))
+    built_key_by_key = pb.Command(
+        client_id=b"client",
+        seq=7,
+        batch=pb.BatchOp(puts=[pb.PutOp(key=k, value=v) for k, v in items]),
+    )
+    assert command.decode(encoded) == built_key_by_key
     sm = StateMachine()
     assert sm.apply(encoded, index=4).version == 4
     assert [sm.get(k) for k, _ in items] == [(v, 4) for _, v in items]
