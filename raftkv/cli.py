@@ -313,6 +313,17 @@ def serve(
             "commit a no-op entry per batch of reads (slower; kept to compare)."
         ),
     ] = ReadPath.read_index,
+    metrics_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-addr",
+            envvar="RAFTKV_METRICS_ADDR",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless set). "
+            "They name shards, nodes and key counts, never keys or values; bind a private "
+            "address. The list: docs/operations.md.",
+            show_default=False,
+        ),
+    ] = None,
     recover_from_peers: Annotated[
         bool,
         typer.Option(
@@ -363,6 +374,10 @@ def serve(
         )
         authenticator = Authenticator(auth_token_file, auth_key_file)
         limits = Limits(max_concurrent_rpcs=max_concurrent_rpcs)
+        if metrics_addr is not None:
+            from raftkv.metrics import parse_address
+
+            parse_address(metrics_addr)
     except (ConfigError, ValueError, RaftKVError) as e:
         raise fail(str(e)) from None
     settings = NodeSettings(
@@ -380,6 +395,7 @@ def serve(
         ),
         security=security,
         recover_from_peers=recover_from_peers,
+        metrics_addr=metrics_addr,
     )
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
         _die_with_parent()

@@ -297,3 +297,5 @@ class NodeSettings:
     # Deadline of one proposal (and of one forwarded request).
     proposal_timeout_s: float = 5.0
     forward_timeout_s: float = 5.0
+    # HOST:PORT of the Prometheus endpoint (/metrics); None: no endpoint.
+    metrics_addr: str | None = None

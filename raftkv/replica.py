@@ -39,6 +39,9 @@ class ReplicaInfo:
     keys: int
     problem: str = ""
     members: list[str] = field(default_factory=list)
+    journal_bytes: int = 0
+    # Changes of leader this replica has seen since it started (a new leader, or none).
+    leader_changes: int = 0
 
 
 class Replica(Protocol):

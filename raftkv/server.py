@@ -71,6 +71,7 @@ from raftkv.forwarding import (
     Runner,
 )
 from raftkv.membership import Mover, ViewStore, change_replicas
+from raftkv.metrics import GRPC_HANDLED, GRPC_HANDLING, NodeState, start_endpoint
 from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
 from raftkv.raft.handshake import Secret
@@ -276,6 +277,34 @@ class Guard:
         return status_for(error), str(error), trailers
 
     def wrap(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
+        service, _, name = method.strip("/").partition("/")
+        handled = {
+            code: GRPC_HANDLED.labels("unary", service, name, code.name) for code in grpc.StatusCode
+        }
+        handling = GRPC_HANDLING.labels("unary", service, name)
+        guarded = self._guarded(method, fn)
+
+        async def handle(request: Any, context: Context) -> Any:
+            # Counted here, around everything the guard does, so refusals count too.
+            started = time.monotonic()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                reply = await guarded(request, context)
+                code = grpc.StatusCode.OK
+                return reply
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                handled[code].inc()
+                handling.observe(time.monotonic() - started)
+
+        return handle
+
+    def _guarded(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
         async def handle(request: Any, context: Context) -> Any:
             if isinstance(request, Malformed):
                 await context.abort(
@@ -1081,6 +1110,19 @@ async def serve(
     except RuntimeError as e:
         raise Unavailable(f"cannot bind the gRPC port {address}: {e}") from e
     node.start()
+    metrics_addr = node.settings.metrics_addr
+    if metrics_addr:
+        start_endpoint(
+            metrics_addr,
+            NodeState(
+                infos=lambda: [r.info for r in list(node.replicas.values())],
+                epoch=lambda: node.view.epoch,
+                forwarded_requests=lambda: node.forwarder.calls,
+                forward_batches=lambda: node.forwarder.batches,
+                via_leader_requests=lambda: node.via_leader_requests,
+            ),
+        )
+        log.info("node %s serving Prometheus metrics on http://%s/metrics", node.id, metrics_addr)
     await server.start()
     for svc in ("", KV_SERVICE, CLUSTER_SERVICE):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)

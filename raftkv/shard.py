@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from raftkv.errors import (
     Unavailable,
     resolve,
 )
+from raftkv.metrics import SNAPSHOT_SAVE_DURATION, ShardMetrics, shard_label
 from raftkv.raft import wire
 from raftkv.raft.conf_change import conf_change, initial_members, members_at
 from raftkv.raft.driver import NO_POLL, RaftDriver
@@ -181,6 +183,8 @@ class ShardReplica:
         # every group's tick would only repeat that syscall eight times over.
         g._poller = NO_POLL
         self._last_leader = ""
+        self._leader_changes = 0
+        self._metrics = ShardMetrics.for_shard(shard_label(shard_id))
         self._last_log_index = 0
         self._sent_index = 0
         self._sent_at = 0.0
@@ -417,9 +421,12 @@ class ShardReplica:
             keys=len(self.machine),
             problem=self._problem(),
             members=g.members(),
+            journal_bytes=self._journal.size_bytes,
+            leader_changes=self._leader_changes,
         )
         if leader_id != self._last_leader:
             self._last_leader = leader_id
+            self._leader_changes += 1
             log.info(
                 "shard %d: leader is now %s (term %d)",
                 self.shard_id,
@@ -468,18 +475,7 @@ class ShardReplica:
         self._settle_inflight(Unavailable(f"shard {self.shard_id}: {self._failed}"))
 
     def _refresh_info_failed(self) -> None:
-        i = self._info
-        self._info = ReplicaInfo(
-            i.shard_id,
-            "failed",
-            "",
-            i.term,
-            i.commit_index,
-            i.last_applied,
-            i.keys,
-            self._failed,
-            i.members,
-        )
+        self._info = dataclasses.replace(self._info, role="failed", leader="", problem=self._failed)
 
     def _delivery_failed(self, error: Exception) -> None:
         if isinstance(error, StorageError):
@@ -858,7 +854,8 @@ class ShardReplica:
         cluster = {n.id for n in meta[2]} if len(meta) > 2 else set(self._group.members())
         snap.members.extend(sorted(members_at(cluster, self._journal, last[1])))
         try:
-            write_snapshot(path, snap)
+            with SNAPSHOT_SAVE_DURATION.time():
+                write_snapshot(path, snap)
         except OSError as e:
             if self._throttle.allow("snapshot"):
                 log.error("shard %d: cannot write a snapshot to %s: %s", self.shard_id, path, e)
@@ -954,21 +951,31 @@ class ShardReplica:
             loop.call_soon_threadsafe(_settle, future, result, error, applied, self)
 
         self._inflight.add(future)
+        metrics = self._metrics
+        metrics.pending.inc()
         try:
             self._group._applyCommand(REGULAR + data, done)
             self.dirty = True
             self._driver.wake()
-            return await asyncio.wait_for(future, timeout)
+            outcome = await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            metrics.failed.inc()
             raise ProposalTimeout(
                 f"shard {self.shard_id}: no commit within {timeout:.1f}s; the outcome is "
                 "unknown (retry with the same request id)"
             ) from None
+        except BaseException:
+            metrics.failed.inc()
+            raise
         finally:
+            metrics.pending.dec()
             self._inflight.discard(future)
             elapsed = time.monotonic() - started
             if elapsed > SLOW_PROPOSAL_S and self._throttle.allow("slow"):
                 log.warning("shard %d: slow proposal took %.2fs", self.shard_id, elapsed)
+        metrics.committed.inc()
+        metrics.proposal_duration.observe(elapsed)
+        return outcome
 
     async def read_index(self, timeout: float) -> int:
         """Wait until a read started after this call may be served: a ReadIndex round (or a
@@ -984,13 +991,20 @@ class ShardReplica:
         self._barrier_waiters.append(future)
         if self._barrier_task is None or self._barrier_task.done():
             self._barrier_task = asyncio.create_task(self._run_barriers(timeout))
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            index = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
+            self._metrics.read_failed.inc()
             raise ProposalTimeout(
                 f"shard {self.shard_id}: a linearizable read was not confirmed within "
                 f"{timeout:.1f}s (is a quorum reachable?)"
             ) from None
+        except BaseException:
+            self._metrics.read_failed.inc()
+            raise
+        self._metrics.read_duration.observe(time.monotonic() - started)
+        return index
 
     async def _run_barriers(self, timeout: float) -> None:
         while self._barrier_waiters:

@@ -45,6 +45,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,7 @@ from pysyncobj.journal import Journal as PysyncobjJournal
 
 from raftkv.durable import fsync_dir, write_file
 from raftkv.errors import StorageError
+from raftkv.metrics import COMPACTION_DURATION, WAL_FSYNC_DURATION
 
 log = logging.getLogger("raftkv.journal")
 
@@ -260,6 +262,11 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
         return self._entries[0][1] if self._entries else 0
 
     @property
+    def size_bytes(self) -> int:
+        """Bytes of records in the journal file (not counting space allocated ahead)."""
+        return self._size
+
+    @property
     def last_index(self) -> int:
         return self._entries[-1][1] if self._entries else 0
 
@@ -360,6 +367,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
 
     def replace(self, entries: list[Entry]) -> None:
         """Atomically make ``entries`` the whole journal: new file, fsync, rename, fsync dir."""
+        started = time.monotonic()
         tmp = self.path.with_name(self.path.name + ".tmp")
         offsets = array.array("Q")
         size = HEADER_BYTES
@@ -394,6 +402,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
             self._size = self._allocated = size
             self._unsynced = False
             self._synced_index = self.last_index
+        COMPACTION_DURATION.observe(time.monotonic() - started)
 
     def sync(self) -> bool:
         """Group commit: one fdatasync makes every append since the last one durable. True if
@@ -408,6 +417,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
                 return False
             self._unsynced = False
             target = self.last_index
+            started = time.monotonic()
             try:
                 os.fdatasync(self._fd)
             except OSError as e:
@@ -416,6 +426,7 @@ class Journal(PysyncobjJournal):  # type: ignore[misc]
                 raise SyncFailed(
                     f"{self._what}: fsync of {self.path} failed: {_describe_os_error(e)}"
                 ) from e
+            WAL_FSYNC_DURATION.observe(time.monotonic() - started)
             self._synced_index = max(self._synced_index, target)
             return True
 
