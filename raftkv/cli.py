@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import logging.handlers
@@ -45,29 +46,41 @@ from raftkv.network import ClientTLS
 from raftkv.view import META_SHARD, ClusterView
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     help="raftkv: a sharded, Raft-replicated key-value store with a gRPC API.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 client_app = typer.Typer(
-    help="Talk to a running cluster: put, get, delete, cas, status.", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="Talk to a running cluster: put, get, delete, cas, status.",
+    no_args_is_help=True,
 )
-local_app = typer.Typer(help="Run a whole cluster of local processes.", no_args_is_help=True)
+local_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Run a whole cluster of local processes.",
+    no_args_is_help=True,
+)
 certs_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Make a CA and TLS certificates for nodes and clients (like `cockroach cert`).",
     no_args_is_help=True,
 )
 auth_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Make the cluster secret, the token-signing key, and bearer tokens.",
     no_args_is_help=True,
 )
 admin_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Change the cluster: members join and leave, replicas move (needs the admin role).",
     no_args_is_help=True,
 )
 member_app = typer.Typer(
-    help="List, add and remove the cluster's nodes (like etcdctl member).", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="List, add and remove the cluster's nodes (like etcdctl member).",
+    no_args_is_help=True,
 )
 admin_app.add_typer(member_app, name="member")
 app.add_typer(client_app, name="client")
@@ -148,7 +161,8 @@ def serve(
         ),
     ] = None,
     node_id: Annotated[
-        str, typer.Option("--id", help="This node's id: a [nodes.<id>] table of the cluster file.")
+        str,
+        typer.Option("--id", help="This node's id: its `[nodes.ID]` table in the cluster file."),
     ] = "n1",
     join: Annotated[
         str | None,
@@ -182,11 +196,11 @@ def serve(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            "--data-dir", "-d", help="Where journals and snapshots live. [default: ./data/<id>]"
+            "--data-dir", "-d", help="Where journals and snapshots live. [default: ./data/ID]"
         ),
     ] = None,
     log_dir: Annotated[
-        Path, typer.Option("--log-dir", help="Logs go to LOG_DIR/<id>/raftkv.log.")
+        Path, typer.Option("--log-dir", help="Logs go to LOG_DIR/ID/raftkv.log.")
     ] = Path("logs"),
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     leader_wait: Annotated[
@@ -770,6 +784,75 @@ History and tab completion at a terminal; reads commands line by line from a pip
 """
 app.command("shell")(_shell)
 
+# -- top ------------------------------------------------------------------------------------
+
+
+def _top(
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            "--iterations",
+            "-n",
+            help="Print this many views (each after one interval, so rates are filled in) "
+            "and exit, instead of a live screen: for scripts and logs.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    **options: Any,
+) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from raftkv.client import parse_endpoints
+    from raftkv.network import Dialer
+    from raftkv.top import Sampler, run
+
+    client_main(**options)
+    try:
+        endpoints = parse_endpoints(_client_opts["endpoints"])
+    except ValueError as e:
+        raise fail(str(e)) from None
+    sampler = Sampler(
+        endpoints,
+        Dialer(_client_opts["tls"], _client_opts["token"]),
+        timeout=min(_client_opts["timeout"], max(1.0, interval * 2)),
+    )
+    console = Console()
+    try:
+        if iterations is not None:
+            asyncio.run(run(sampler, interval, iterations, console.print))
+            return
+        with Live(console=console, auto_refresh=False, screen=console.is_terminal) as live:
+
+            def show(view: Any) -> None:
+                live.update(view, refresh=True)
+
+            asyncio.run(run(sampler, interval, None, show))
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a live view ends: no traceback, exit 0
+
+
+_top.__doc__ = """A live view of a running cluster, refreshed every second (Ctrl-C to quit).
+
+Per node: reachable, RPCs answered per second, shards led, replicas. Per shard: leader,
+term, commit index, committed entries per second, the replica furthest behind, keys. And
+the recent leader changes. Reads the Status API of the --endpoints given (and of every node
+they list), so it works against local, compose and Kubernetes clusters alike.
+"""
+_top.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        *list(inspect.signature(_top, eval_str=True).parameters.values())[:2],
+        *inspect.signature(client_main, eval_str=True).parameters.values(),
+    ]
+)
+_top.__annotations__ = {
+    p.name: p.annotation
+    for p in _top.__signature__.parameters.values()  # type: ignore[attr-defined]
+}
+app.command("top")(_top)
+
 # -- admin: membership ----------------------------------------------------------------------
 
 admin_app.callback()(client_main)
@@ -1033,7 +1116,7 @@ def certs_init(
 ) -> None:
     """Make a CA; with --cluster, a certificate per node and an `admin` client certificate.
 
-    Node certificates name the node (a raftkv://node/<id> SAN, checked on the Raft port)
+    Node certificates name the node (a `raftkv://node/ID` SAN, checked on the Raft port)
     and its hosts from the cluster file, and serve both ports.
     """
     from raftkv import certs

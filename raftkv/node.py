@@ -201,6 +201,7 @@ class Node:
         self.peers: dict[str, Peer] = {}
         self.forwarder = Forwarder(self)
         self.via_leader_requests = 0
+        self.requests_handled = 0  # RPCs answered (counted by the server's guard)
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
         # {} on a new data dir: a node.json means "this node has been a member", so a shard
@@ -836,6 +837,7 @@ class Node:
             forwarded_requests=self.forwarder.calls,
             forward_batches=self.forwarder.batches,
             via_leader_requests=self.via_leader_requests,
+            requests_handled=self.requests_handled,
             shard_count=view.shards,
             vnodes=view.vnodes,
             cluster_fingerprint=self.cluster_id,

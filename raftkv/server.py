@@ -283,6 +283,7 @@ class Guard:
         }
         handling = GRPC_HANDLING.labels("unary", service, name)
         guarded = self._guarded(method, fn)
+        node = self.node
 
         async def handle(request: Any, context: Context) -> Any:
             # Counted here, around everything the guard does, so refusals count too.
@@ -299,6 +300,7 @@ class Guard:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
+                node.requests_handled += 1
                 handled[code].inc()
                 handling.observe(time.monotonic() - started)
 

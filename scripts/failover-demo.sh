@@ -321,6 +321,10 @@ until status_json "$CLIENT" 2>/dev/null | status_fact leaders-ok "$VICTIM"; do
 done
 compose exec -T "$CLIENT" raftkv client --endpoints "$SURVIVOR_ENDPOINTS" status || true
 
+say "raftkv top, one frame (live: docker compose exec n1 raftkv top -e $ENDPOINTS)"
+COLUMNS=120 compose exec -T -e COLUMNS=120 "$CLIENT" raftkv top -n 1 --endpoints "$SURVIVOR_ENDPOINTS" ||
+  fail "raftkv top failed with $VICTIM down"
+
 say "Reading back all $KEYS keys with $VICTIM down"
 if kvpy "$CLIENT" "$PY_READ" "$SURVIVOR_ENDPOINTS" "$KEYS" "$KEYS"; then
   ok "all $KEYS keys read back intact after killing $VICTIM"
