@@ -310,6 +310,20 @@ class Client:
     def _admin(self, endpoint: str) -> admin_grpc.AdminStub:
         return admin_grpc.AdminStub(self._channel(endpoint))
 
+    async def snapshot_shard(self, shard_id: int) -> list[admin.SnapshotShardChunk]:
+        """One shard's copy at a linearizable read index, as the chunks a node streamed
+        (the admin role when authentication is on). Tried at the shard's leader first; an
+        attempt that fails is retried whole, at another replica if need be."""
+        request = admin.SnapshotShardRequest(shard_id=shard_id)
+
+        async def attempt(endpoint: str) -> list[admin.SnapshotShardChunk]:
+            call = self._admin(endpoint).SnapshotShard(
+                request, timeout=self.timeout, metadata=self._meta()
+            )
+            return [chunk async for chunk in call]
+
+        return await self._call(shard_id, attempt)
+
     async def view(self) -> admin.ClusterView:
         """The cluster view (nodes, placement, epoch), read linearizably from the meta group:
         it reflects every membership change acknowledged before the call."""

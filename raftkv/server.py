@@ -32,7 +32,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -76,6 +76,7 @@ from raftkv.network import AUTHORIZATION, GRPC_OPTIONS, server_credentials
 from raftkv.node import FORWARDED_METADATA, Node, Peer, leader_trailers
 from raftkv.raft.handshake import Secret
 from raftkv.replica import Replica
+from raftkv.statemachine import digest_of
 from raftkv.view import META_SHARD, ClusterView
 
 log = logging.getLogger("raftkv.server")
@@ -92,6 +93,8 @@ NODE_METHODS = frozenset(
 _CONSISTENCIES = frozenset(kv.Consistency.values())
 # Requests received but not yet handed to a handler (see server_options).
 MAX_PENDING_REQUESTS = 25_000
+# Entries per SnapshotShard chunk, in bytes: well under the gRPC message limit.
+SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -160,6 +163,7 @@ class Caller:
 
 
 Handler = Callable[[Any, Context, Caller], Awaitable[Any]]
+StreamHandler = Callable[[Any, Context, Caller], AsyncIterator[Any]]
 
 
 class Guard:
@@ -277,13 +281,8 @@ class Guard:
         return status_for(error), str(error), trailers
 
     def wrap(self, method: str, fn: Handler) -> Callable[[Any, Context], Awaitable[Any]]:
-        service, _, name = method.strip("/").partition("/")
-        handled = {
-            code: GRPC_HANDLED.labels("unary", service, name, code.name) for code in grpc.StatusCode
-        }
-        handling = GRPC_HANDLING.labels("unary", service, name)
+        metrics = _RpcMetrics(self.node, "unary", method)
         guarded = self._guarded(method, fn)
-        node = self.node
 
         async def handle(request: Any, context: Context) -> Any:
             # Counted here, around everything the guard does, so refusals count too.
@@ -293,16 +292,51 @@ class Guard:
                 reply = await guarded(request, context)
                 code = grpc.StatusCode.OK
                 return reply
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            except BaseException as e:
+                code = _code_of(e, context)
                 raise
             finally:
-                node.requests_handled += 1
-                handled[code].inc()
-                handling.observe(time.monotonic() - started)
+                metrics.record(code, started)
+
+        return handle
+
+    def wrap_stream(
+        self, method: str, fn: StreamHandler
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        """:meth:`wrap` for a server-streaming handler: the same checks, errors and metrics."""
+        metrics = _RpcMetrics(self.node, "server_stream", method)
+
+        async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+            started = time.monotonic()
+            code = grpc.StatusCode.UNKNOWN
+            admission = self.clients
+            entered = False
+            try:
+                if isinstance(request, Malformed):
+                    raise InvalidArgument(
+                        f"malformed request: {request.size} bytes that do not parse as "
+                        f"{request.message_type}"
+                    )
+                token, forwarded, vouched, _epoch = self._read_metadata(context, method)
+                if not admission.try_enter():
+                    raise admission.refusal()
+                entered = True
+                caller = self._caller(token, forwarded, method, vouched)
+                async for reply in fn(request, context, caller):
+                    yield reply
+                code = grpc.StatusCode.OK
+            except (asyncio.CancelledError, grpc.aio.AbortError) as e:
+                code = _code_of(e, context)
+                raise
+            except Exception as e:
+                code, message, trailers = self.failure(e, admission, method)
+                if trailers:
+                    context.set_trailing_metadata(trailers)
+                await context.abort(code, message)
+            finally:
+                if entered:
+                    admission.leave()
+                metrics.record(code, started)
 
         return handle
 
@@ -341,14 +375,42 @@ class Guard:
         return handle
 
 
+class _RpcMetrics:
+    """One method's RPC counters: answered by code, latency, and the node's total."""
+
+    def __init__(self, node: Node, kind: str, method: str) -> None:
+        service, _, name = method.strip("/").partition("/")
+        self._handled = {
+            code: GRPC_HANDLED.labels(kind, service, name, code.name) for code in grpc.StatusCode
+        }
+        self._handling = GRPC_HANDLING.labels(kind, service, name)
+        self._node = node
+
+    def record(self, code: grpc.StatusCode, started: float) -> None:
+        self._node.requests_handled += 1
+        self._handled[code].inc()
+        self._handling.observe(time.monotonic() - started)
+
+
+def _code_of(error: BaseException, context: Context) -> grpc.StatusCode:
+    """The status an RPC ended with, from what its handler raised."""
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(error, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.UNKNOWN
+
+
 @dataclass(frozen=True)
 class _Method(Generic[Req, Resp]):
     name: str
     request: type[Message]
     response: type[Message]
-    handler: Handler
+    handler: Handler | StreamHandler
     # The handler gets a Received (message and bytes) and may answer with reply bytes.
     keeps_bytes: bool = False
+    # The handler is an async generator of responses (a server-streaming RPC).
+    streaming: bool = False
 
 
 def _node_id_from_pem(pem: bytes) -> str | None:
@@ -876,7 +938,48 @@ class AdminService:
                 admin.ChangeReplicasResponse,
                 self.change_replicas,
             ),
+            _Method(
+                "SnapshotShard",
+                admin.SnapshotShardRequest,
+                admin.SnapshotShardChunk,
+                self.snapshot_shard,
+                streaming=True,
+            ),
         ]
+
+    async def snapshot_shard(
+        self, request: admin.SnapshotShardRequest, context: Context, caller: Caller
+    ) -> AsyncIterator[admin.SnapshotShardChunk]:
+        """One shard's copy at a linearizable read index, in chunks of at most
+        SNAPSHOT_CHUNK_BYTES of entries (a replica on any node: a follower asks its leader
+        for the read index)."""
+        view = self.node.view
+        shard = request.shard_id
+        if shard >= view.shards:
+            raise InvalidArgument(f"shard {shard} does not exist (shards 0-{view.shards - 1})")
+        replica = self.node.replicas.get(shard)
+        if replica is None:
+            hosts = ", ".join(sorted(view.group(shard).replicas))
+            raise Unavailable(
+                f"node {self.node.id} holds no replica of shard {shard}; ask one of {hosts}"
+            )
+        deadline = _deadline(context, self.node.settings.proposal_timeout_s)
+        read_index = await replica.read_index(max(0.1, deadline - time.monotonic()))
+        applied, items = await replica.snapshot_items()
+        digest = await asyncio.to_thread(digest_of, items)
+        chunk = admin.SnapshotShardChunk(read_index=read_index, applied_index=applied)
+        size = 0
+        for key, entry in items.items():
+            chunk.entries.add(key=key, value=entry.value, version=entry.version)
+            size += len(key) + len(entry.value) + 16
+            if size >= SNAPSHOT_CHUNK_BYTES:
+                yield chunk
+                chunk = admin.SnapshotShardChunk(read_index=read_index, applied_index=applied)
+                size = 0
+        chunk.done = True
+        chunk.keys = len(items)
+        chunk.digest = digest
+        yield chunk
 
     async def get_view(
         self, request: admin.GetViewRequest, context: Context, caller: Caller
@@ -1017,8 +1120,14 @@ def _deadline(context: Context, default: float) -> float:
 def register(server: grpc.aio.Server, guard: Guard, service: str, methods: list[Any]) -> None:
     """Register ``methods`` under ``service``, each behind the guard, with safe decoding."""
     handlers = {
-        m.name: grpc.unary_unary_rpc_method_handler(
-            guard.wrap(f"/{service}/{m.name}", m.handler),
+        m.name: grpc.unary_stream_rpc_method_handler(
+            guard.wrap_stream(f"/{service}/{m.name}", cast(StreamHandler, m.handler)),
+            request_deserializer=_decoder(m.request),
+            response_serializer=m.response.SerializeToString,
+        )
+        if m.streaming
+        else grpc.unary_unary_rpc_method_handler(
+            guard.wrap(f"/{service}/{m.name}", cast(Handler, m.handler)),
             request_deserializer=_keeping_bytes(m.request)
             if m.keeps_bytes
             else _decoder(m.request),

@@ -139,11 +139,12 @@ def render(
     c = after.cluster
     seconds = after.at - before.at if before is not None else 0.0
     prev_nodes = before.nodes if before is not None else {}
-    prev_shards = (
-        {s.shard_id: s for s in [*before.cluster.shards, before.cluster.meta]}
-        if before is not None and before.cluster is not None
-        else {}
-    )
+    prev_shards: dict[int, kv.ShardStatus] = {}
+    if before is not None and before.cluster is not None:
+        b = before.cluster
+        prev_shards = {
+            s.shard_id: s for s in [*b.shards, *([b.meta] if b.HasField("meta") else [])]
+        }
     led: dict[str, int] = {}
     for s in c.shards:
         if s.leader:

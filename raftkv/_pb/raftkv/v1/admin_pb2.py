@@ -22,45 +22,50 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from raftkv._pb.raftkv.v1 import command_pb2 as raftkv_dot_v1_dot_command__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raftkv/v1/admin.proto\x12\traftkv.v1\"\x8a\x01\n\tNodeEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.raftkv.v1.NodeEntry.State\"*\n\x05State\x12\n\n\x06\x41\x43TIVE\x10\x00\x12\x0b\n\x07LEAVING\x10\x01\x12\x08\n\x04\x44\x45\x41\x44\x10\x02\"2\n\x0eShardPlacement\x12\x10\n\x08replicas\x18\x01 \x03(\t\x12\x0e\n\x06target\x18\x02 \x03(\t\"\xde\x01\n\x0b\x43lusterView\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06shards\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12#\n\x05nodes\x18\x06 \x03(\x0b\x32\x14.raftkv.v1.NodeEntry\x12,\n\tplacement\x18\x07 \x03(\x0b\x32\x19.raftkv.v1.ShardPlacement\x12\'\n\x04meta\x18\x08 \x01(\x0b\x32\x19.raftkv.v1.ShardPlacement\"&\n\x0eGetViewRequest\x12\x14\n\x0clinearizable\x18\x01 \x01(\x08\":\n\x10MemberAddRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\"/\n\x13MemberRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65\x61\x64\x18\x02 \x01(\x08\"K\n\x14MemberChangeResponse\x12$\n\x04view\x18\x01 \x01(\x0b\x32\x16.raftkv.v1.ClusterView\x12\r\n\x05moves\x18\x02 \x01(\r\"#\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"K\n\x0bReplicaMove\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x15\n\rfrom_replicas\x18\x02 \x03(\t\x12\x13\n\x0bto_replicas\x18\x03 \x03(\t\"`\n\x11RebalanceResponse\x12%\n\x05moves\x18\x01 \x03(\x0b\x32\x16.raftkv.v1.ReplicaMove\x12$\n\x04view\x18\x02 \x01(\x0b\x32\x16.raftkv.v1.ClusterView\"8\n\x15PrepareReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x18\n\x16PrepareReplicaResponse\"Y\n\x15\x43hangeReplicasRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x0e\n\x06remove\x18\x02 \x01(\x08\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\")\n\x16\x43hangeReplicasResponse\x12\x0f\n\x07members\x18\x01 \x03(\t2\xd7\x03\n\x05\x41\x64min\x12<\n\x07GetView\x12\x19.raftkv.v1.GetViewRequest\x1a\x16.raftkv.v1.ClusterView\x12I\n\tMemberAdd\x12\x1b.raftkv.v1.MemberAddRequest\x1a\x1f.raftkv.v1.MemberChangeResponse\x12O\n\x0cMemberRemove\x12\x1e.raftkv.v1.MemberRemoveRequest\x1a\x1f.raftkv.v1.MemberChangeResponse\x12\x46\n\tRebalance\x12\x1b.raftkv.v1.RebalanceRequest\x1a\x1c.raftkv.v1.RebalanceResponse\x12U\n\x0ePrepareReplica\x12 .raftkv.v1.PrepareReplicaRequest\x1a!.raftkv.v1.PrepareReplicaResponse\x12U\n\x0e\x43hangeReplicas\x12 .raftkv.v1.ChangeReplicasRequest\x1a!.raftkv.v1.ChangeReplicasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raftkv/v1/admin.proto\x12\traftkv.v1\x1a\x17raftkv/v1/command.proto\"(\n\x14SnapshotShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\r\"\x96\x01\n\x12SnapshotShardChunk\x12\x12\n\nread_index\x18\x01 \x01(\x04\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12)\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x18.raftkv.v1.SnapshotEntry\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0c\n\x04keys\x18\x05 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"\x8a\x01\n\tNodeEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.raftkv.v1.NodeEntry.State\"*\n\x05State\x12\n\n\x06\x41\x43TIVE\x10\x00\x12\x0b\n\x07LEAVING\x10\x01\x12\x08\n\x04\x44\x45\x41\x44\x10\x02\"2\n\x0eShardPlacement\x12\x10\n\x08replicas\x18\x01 \x03(\t\x12\x0e\n\x06target\x18\x02 \x03(\t\"\xde\x01\n\x0b\x43lusterView\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06shards\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12#\n\x05nodes\x18\x06 \x03(\x0b\x32\x14.raftkv.v1.NodeEntry\x12,\n\tplacement\x18\x07 \x03(\x0b\x32\x19.raftkv.v1.ShardPlacement\x12\'\n\x04meta\x18\x08 \x01(\x0b\x32\x19.raftkv.v1.ShardPlacement\"&\n\x0eGetViewRequest\x12\x14\n\x0clinearizable\x18\x01 \x01(\x08\":\n\x10MemberAddRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04grpc\x18\x02 \x01(\t\x12\x0c\n\x04raft\x18\x03 \x01(\t\"/\n\x13MemberRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65\x61\x64\x18\x02 \x01(\x08\"K\n\x14MemberChangeResponse\x12$\n\x04view\x18\x01 \x01(\x0b\x32\x16.raftkv.v1.ClusterView\x12\r\n\x05moves\x18\x02 \x01(\r\"#\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"K\n\x0bReplicaMove\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x15\n\rfrom_replicas\x18\x02 \x03(\t\x12\x13\n\x0bto_replicas\x18\x03 \x03(\t\"`\n\x11RebalanceResponse\x12%\n\x05moves\x18\x01 \x03(\x0b\x32\x16.raftkv.v1.ReplicaMove\x12$\n\x04view\x18\x02 \x01(\x0b\x32\x16.raftkv.v1.ClusterView\"8\n\x15PrepareReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x18\n\x16PrepareReplicaResponse\"Y\n\x15\x43hangeReplicasRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x0e\n\x06remove\x18\x02 \x01(\x08\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\")\n\x16\x43hangeReplicasResponse\x12\x0f\n\x07members\x18\x01 \x03(\t2\xaa\x04\n\x05\x41\x64min\x12<\n\x07GetView\x12\x19.raftkv.v1.GetViewRequest\x1a\x16.raftkv.v1.ClusterView\x12I\n\tMemberAdd\x12\x1b.raftkv.v1.MemberAddRequest\x1a\x1f.raftkv.v1.MemberChangeResponse\x12O\n\x0cMemberRemove\x12\x1e.raftkv.v1.MemberRemoveRequest\x1a\x1f.raftkv.v1.MemberChangeResponse\x12\x46\n\tRebalance\x12\x1b.raftkv.v1.RebalanceRequest\x1a\x1c.raftkv.v1.RebalanceResponse\x12U\n\x0ePrepareReplica\x12 .raftkv.v1.PrepareReplicaRequest\x1a!.raftkv.v1.PrepareReplicaResponse\x12U\n\x0e\x43hangeReplicas\x12 .raftkv.v1.ChangeReplicasRequest\x1a!.raftkv.v1.ChangeReplicasResponse\x12Q\n\rSnapshotShard\x12\x1f.raftkv.v1.SnapshotShardRequest\x1a\x1d.raftkv.v1.SnapshotShardChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftkv.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEENTRY']._serialized_start=37
-  _globals['_NODEENTRY']._serialized_end=175
-  _globals['_NODEENTRY_STATE']._serialized_start=133
-  _globals['_NODEENTRY_STATE']._serialized_end=175
-  _globals['_SHARDPLACEMENT']._serialized_start=177
-  _globals['_SHARDPLACEMENT']._serialized_end=227
-  _globals['_CLUSTERVIEW']._serialized_start=230
-  _globals['_CLUSTERVIEW']._serialized_end=452
-  _globals['_GETVIEWREQUEST']._serialized_start=454
-  _globals['_GETVIEWREQUEST']._serialized_end=492
-  _globals['_MEMBERADDREQUEST']._serialized_start=494
-  _globals['_MEMBERADDREQUEST']._serialized_end=552
-  _globals['_MEMBERREMOVEREQUEST']._serialized_start=554
-  _globals['_MEMBERREMOVEREQUEST']._serialized_end=601
-  _globals['_MEMBERCHANGERESPONSE']._serialized_start=603
-  _globals['_MEMBERCHANGERESPONSE']._serialized_end=678
-  _globals['_REBALANCEREQUEST']._serialized_start=680
-  _globals['_REBALANCEREQUEST']._serialized_end=715
-  _globals['_REPLICAMOVE']._serialized_start=717
-  _globals['_REPLICAMOVE']._serialized_end=792
-  _globals['_REBALANCERESPONSE']._serialized_start=794
-  _globals['_REBALANCERESPONSE']._serialized_end=890
-  _globals['_PREPAREREPLICAREQUEST']._serialized_start=892
-  _globals['_PREPAREREPLICAREQUEST']._serialized_end=948
-  _globals['_PREPAREREPLICARESPONSE']._serialized_start=950
-  _globals['_PREPAREREPLICARESPONSE']._serialized_end=974
-  _globals['_CHANGEREPLICASREQUEST']._serialized_start=976
-  _globals['_CHANGEREPLICASREQUEST']._serialized_end=1065
-  _globals['_CHANGEREPLICASRESPONSE']._serialized_start=1067
-  _globals['_CHANGEREPLICASRESPONSE']._serialized_end=1108
-  _globals['_ADMIN']._serialized_start=1111
-  _globals['_ADMIN']._serialized_end=1582
+  _globals['_SNAPSHOTSHARDREQUEST']._serialized_start=61
+  _globals['_SNAPSHOTSHARDREQUEST']._serialized_end=101
+  _globals['_SNAPSHOTSHARDCHUNK']._serialized_start=104
+  _globals['_SNAPSHOTSHARDCHUNK']._serialized_end=254
+  _globals['_NODEENTRY']._serialized_start=257
+  _globals['_NODEENTRY']._serialized_end=395
+  _globals['_NODEENTRY_STATE']._serialized_start=353
+  _globals['_NODEENTRY_STATE']._serialized_end=395
+  _globals['_SHARDPLACEMENT']._serialized_start=397
+  _globals['_SHARDPLACEMENT']._serialized_end=447
+  _globals['_CLUSTERVIEW']._serialized_start=450
+  _globals['_CLUSTERVIEW']._serialized_end=672
+  _globals['_GETVIEWREQUEST']._serialized_start=674
+  _globals['_GETVIEWREQUEST']._serialized_end=712
+  _globals['_MEMBERADDREQUEST']._serialized_start=714
+  _globals['_MEMBERADDREQUEST']._serialized_end=772
+  _globals['_MEMBERREMOVEREQUEST']._serialized_start=774
+  _globals['_MEMBERREMOVEREQUEST']._serialized_end=821
+  _globals['_MEMBERCHANGERESPONSE']._serialized_start=823
+  _globals['_MEMBERCHANGERESPONSE']._serialized_end=898
+  _globals['_REBALANCEREQUEST']._serialized_start=900
+  _globals['_REBALANCEREQUEST']._serialized_end=935
+  _globals['_REPLICAMOVE']._serialized_start=937
+  _globals['_REPLICAMOVE']._serialized_end=1012
+  _globals['_REBALANCERESPONSE']._serialized_start=1014
+  _globals['_REBALANCERESPONSE']._serialized_end=1110
+  _globals['_PREPAREREPLICAREQUEST']._serialized_start=1112
+  _globals['_PREPAREREPLICAREQUEST']._serialized_end=1168
+  _globals['_PREPAREREPLICARESPONSE']._serialized_start=1170
+  _globals['_PREPAREREPLICARESPONSE']._serialized_end=1194
+  _globals['_CHANGEREPLICASREQUEST']._serialized_start=1196
+  _globals['_CHANGEREPLICASREQUEST']._serialized_end=1285
+  _globals['_CHANGEREPLICASRESPONSE']._serialized_start=1287
+  _globals['_CHANGEREPLICASRESPONSE']._serialized_end=1328
+  _globals['_ADMIN']._serialized_start=1331
+  _globals['_ADMIN']._serialized_end=1885
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from raftkv._pb.raftkv.v1 import command_pb2 as _command_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -6,6 +7,28 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SnapshotShardRequest(_message.Message):
+    __slots__ = ("shard_id",)
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    def __init__(self, shard_id: _Optional[int] = ...) -> None: ...
+
+class SnapshotShardChunk(_message.Message):
+    __slots__ = ("read_index", "applied_index", "entries", "done", "keys", "digest")
+    READ_INDEX_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    read_index: int
+    applied_index: int
+    entries: _containers.RepeatedCompositeFieldContainer[_command_pb2.SnapshotEntry]
+    done: bool
+    keys: int
+    digest: str
+    def __init__(self, read_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[_command_pb2.SnapshotEntry, _Mapping]]] = ..., done: _Optional[bool] = ..., keys: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class NodeEntry(_message.Message):
     __slots__ = ("id", "grpc", "raft", "state")

@@ -64,6 +64,11 @@ class AdminStub:
                 request_serializer=raftkv_dot_v1_dot_admin__pb2.ChangeReplicasRequest.SerializeToString,
                 response_deserializer=raftkv_dot_v1_dot_admin__pb2.ChangeReplicasResponse.FromString,
                 _registered_method=True)
+        self.SnapshotShard = channel.unary_stream(
+                '/raftkv.v1.Admin/SnapshotShard',
+                request_serializer=raftkv_dot_v1_dot_admin__pb2.SnapshotShardRequest.SerializeToString,
+                response_deserializer=raftkv_dot_v1_dot_admin__pb2.SnapshotShardChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -113,6 +118,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotShard(self, request, context):
+        """A point-in-time copy of one shard, taken at a linearizable read index (the state as of
+        some moment after the call arrived), streamed in chunks. For `raftkv admin snapshot save`.
+        Needs the admin role; any node holding a replica of the shard answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ChangeReplicas,
                     request_deserializer=raftkv_dot_v1_dot_admin__pb2.ChangeReplicasRequest.FromString,
                     response_serializer=raftkv_dot_v1_dot_admin__pb2.ChangeReplicasResponse.SerializeToString,
+            ),
+            'SnapshotShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.SnapshotShard,
+                    request_deserializer=raftkv_dot_v1_dot_admin__pb2.SnapshotShardRequest.FromString,
+                    response_serializer=raftkv_dot_v1_dot_admin__pb2.SnapshotShardChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +328,33 @@ class Admin:
             '/raftkv.v1.Admin/ChangeReplicas',
             raftkv_dot_v1_dot_admin__pb2.ChangeReplicasRequest.SerializeToString,
             raftkv_dot_v1_dot_admin__pb2.ChangeReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/raftkv.v1.Admin/SnapshotShard',
+            raftkv_dot_v1_dot_admin__pb2.SnapshotShardRequest.SerializeToString,
+            raftkv_dot_v1_dot_admin__pb2.SnapshotShardChunk.FromString,
             options,
             channel_credentials,
             insecure,
