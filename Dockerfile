@@ -37,17 +37,19 @@ COPY --from=build /opt/raftkv /opt/raftkv
 ENV PATH=/opt/raftkv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# uid/gid 10001: fixed, so that Kubernetes' fsGroup (deploy/k8s) can name it.
 # /certs and /ca are empty mount points owned by raftkv, so that named volumes mounted there
 # start out writable by it (compose.yaml: credentials in /certs, the CA key alone in /ca).
 RUN set -eu; \
-    useradd --system --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin raftkv; \
+    groupadd --system --gid 10001 raftkv; \
+    useradd --system --uid 10001 --gid raftkv --home-dir /data --no-create-home --shell /usr/sbin/nologin raftkv; \
     install -d -o raftkv -g raftkv -m 0750 /data; \
     install -d -o raftkv -g raftkv -m 0700 /certs /ca; \
     install -d -m 0755 /etc/raftkv
 USER raftkv
 WORKDIR /data
 VOLUME ["/data"]
-# 7001: client gRPC; 7101: Raft (keep it on a private network).
-EXPOSE 7001 7101
+# 7001: client gRPC; 7101: Raft (keep it on a private network); 9101: metrics, if enabled.
+EXPOSE 7001 7101 9101
 ENTRYPOINT ["raftkv"]
 CMD ["serve", "--cluster", "/etc/raftkv/cluster.toml", "--id", "n1", "--data-dir", "/data", "--log-dir", "/data/logs"]
