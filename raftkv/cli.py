@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,7 +41,22 @@ from raftkv.config import (
     ServerTLS,
     read_secret_file,
 )
-from raftkv.errors import KeyNotFound, PermissionDenied, RaftKVError, Unauthenticated, Unavailable
+from raftkv.errors import (
+    ClusterMismatch,
+    InvalidArgument,
+    KeyNotFound,
+    Overloaded,
+    PermissionDenied,
+    PreconditionFailed,
+    ProposalTimeout,
+    RaftKVError,
+    StorageError,
+    Unauthenticated,
+    Unavailable,
+)
+from raftkv.lockfile import DataDirBusy, lock_data_dir
+from raftkv.logs import LogFormat, LogLevel
+from raftkv.logs import configure as configure_logging
 from raftkv.network import ClientTLS
 from raftkv.view import META_SHARD, ClusterView
 
@@ -95,32 +110,63 @@ app.add_typer(local_app, name="local")
 app.add_typer(certs_app, name="certs")
 app.add_typer(auth_app, name="auth")
 
-EXIT_NOT_FOUND = 1
-EXIT_ERROR = 2
+
+class Exit(IntEnum):
+    """Exit codes, one per class of outcome, so a script can tell a conflict from an outage
+    (listed in `raftkv --help`)."""
+
+    OK = 0
+    NOT_FOUND = 1  # get: the key does not exist
+    USAGE = 2  # bad flags or arguments, or a request the cluster rejected as invalid
+    CONFLICT = 3  # compare-and-swap: the key's value or version was not the expected one
+    UNAVAILABLE = 4  # no node reachable, no leader or quorum, deadline passed, overloaded
+    FILE = 5  # a file or configuration that cannot be used (cluster file, data dir, backup...)
+    AUTH = 6  # not authenticated, or not permitted
+    ERROR = 7  # anything else: an internal error (the message says what)
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+EXIT_NOT_FOUND = Exit.NOT_FOUND
+EXIT_ERROR = Exit.USAGE
+
+EXIT_CODES_HELP = """Exit codes: 0 success; 1 key not found; 2 bad flags, arguments or input;
+3 compare-and-swap conflict; 4 cluster unavailable (unreachable, no leader or quorum,
+timeout, overload); 5 unusable file or configuration; 6 not authenticated or not
+permitted; 7 internal error."""
+
+
+def fail(message: str, code: int = Exit.USAGE) -> typer.Exit:
+    """One line on stderr, and the exit code of its class."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+    return typer.Exit(int(code))
 
 
-def configure_logging(node_id: str, log_dir: Path, level: str) -> Path:
-    """Log to ``<log_dir>/<node-id>/raftkv.log`` (rotated) and to stderr."""
-    path = log_dir / node_id / "raftkv.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(
-        f"%(asctime)s %(levelname)s {node_id} %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+def exit_code_for(error: BaseException) -> Exit:
+    """The class of a failure, as an exit code."""
+    from raftkv.backup import BackupError
+    from raftkv.raft.transport import RaftBindError
+
+    table: tuple[tuple[type[BaseException], Exit], ...] = (
+        (KeyNotFound, Exit.NOT_FOUND),
+        (PreconditionFailed, Exit.CONFLICT),
+        (Unauthenticated, Exit.AUTH),
+        (PermissionDenied, Exit.AUTH),
+        (TimeoutError, Exit.UNAVAILABLE),  # an OSError too: before OSError
+        (BackupError, Exit.FILE),
+        (StorageError, Exit.FILE),
+        (ClusterMismatch, Exit.FILE),
+        (ConfigError, Exit.FILE),
+        (OSError, Exit.FILE),
+        (InvalidArgument, Exit.USAGE),
+        (ValueError, Exit.USAGE),
+        (Unavailable, Exit.UNAVAILABLE),
+        (ProposalTimeout, Exit.UNAVAILABLE),
+        (Overloaded, Exit.UNAVAILABLE),
+        (RaftBindError, Exit.UNAVAILABLE),
     )
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=50 << 20, backupCount=3)
-    stream = logging.StreamHandler(sys.stderr)
-    for h in (file_handler, stream):
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    # pysyncobj logs routine reconnects at WARNING; ours say what matters.
-    logging.getLogger("pysyncobj").setLevel(logging.ERROR)
-    return path
+    for cls, code in table:
+        if isinstance(error, cls):
+            return code
+    return Exit.ERROR
 
 
 # Set by LocalCluster for the nodes it starts: a test or `local up` that dies, even by
@@ -208,7 +254,19 @@ def serve(
     log_dir: Annotated[
         Path, typer.Option("--log-dir", help="Logs go to LOG_DIR/ID/raftkv.log.")
     ] = Path("logs"),
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="How much to log.")
+    ] = LogLevel.info,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(help="text for people; json: one object per line, for log shippers."),
+    ] = LogFormat.text,
+    log_max_mb: Annotated[
+        int, typer.Option(help="Rotate raftkv.log when it reaches this many MiB.", min=1)
+    ] = 50,
+    log_max_files: Annotated[
+        int, typer.Option(help="Rotated logs to keep (raftkv.log.1 ...).", min=0)
+    ] = 3,
     leader_wait: Annotated[
         float,
         typer.Option(
@@ -365,8 +423,9 @@ def serve(
     client authentication (--auth-token-file / --auth-key-file, or --client-cert-auth).
     See docs/security.md.
 
-    Exit codes: 0 stopped cleanly; 2 bad flags or configuration, unusable data dir, or a
-    port that cannot be bound (the message says which).
+    Exit codes: 0 stopped cleanly; 2 bad flags; 4 a port that cannot be bound, or the
+    node is already running on this data dir; 5 a cluster file, data dir or other file that
+    cannot be used (the message says which).
     """
     from raftkv.node import load_saved_view
 
@@ -381,9 +440,9 @@ def serve(
         else:
             config = ClusterConfig.single_node()
         if join is not None and not join.strip(" ,"):
-            raise ConfigError("--join needs the gRPC endpoints of running nodes (HOST:PORT,...)")
+            raise fail("--join needs the gRPC endpoints of running nodes (HOST:PORT,...)")
         if join and saved is None and (grpc_addr is None or raft_addr is None):
-            raise ConfigError("--join needs this node's --grpc and --raft addresses")
+            raise fail("--join needs this node's --grpc and --raft addresses")
         secret = read_secret_file(secret_file) if secret_file is not None else None
         secret = secret or os.environ.get(SECRET_ENV) or (config.secret if config else None)
         security = Security(
@@ -394,12 +453,15 @@ def serve(
         )
         authenticator = Authenticator(auth_token_file, auth_key_file)
         limits = Limits(max_concurrent_rpcs=max_concurrent_rpcs)
-        if metrics_addr is not None:
-            from raftkv.metrics import parse_address
-
-            parse_address(metrics_addr)
     except (ConfigError, ValueError, RaftKVError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
+    if metrics_addr is not None:
+        from raftkv.metrics import parse_address
+
+        try:
+            parse_address(metrics_addr)
+        except ConfigError as e:
+            raise fail(str(e), Exit.USAGE) from None
     settings = NodeSettings(
         node_id=node_id,
         data_dir=resolved_data_dir,
@@ -419,7 +481,25 @@ def serve(
     )
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
         _die_with_parent()
-    path = configure_logging(node_id, log_dir, log_level)
+    try:
+        # Before the log: a second process on a live data dir must not write into its log.
+        lock_data_dir(resolved_data_dir, node_id)
+    except DataDirBusy as e:
+        raise fail(str(e), Exit.UNAVAILABLE) from None
+    except OSError as e:
+        message = f"cannot use the data dir {resolved_data_dir}: {e.strerror or e}"
+        raise fail(message, Exit.FILE) from None
+    # gRPC's own C++ log repeats what we report (a port in use) and adds per-connection
+    # noise (TLS handshakes of port scanners); GRPC_VERBOSITY=INFO brings it back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    path = configure_logging(
+        node_id,
+        log_dir,
+        log_level,
+        log_format,
+        max_bytes=log_max_mb << 20,
+        backups=log_max_files,
+    )
     log = logging.getLogger("raftkv.cli")
     log.info("starting node %s (data %s, log %s)", node_id, settings.data_dir, path)
 
@@ -441,6 +521,7 @@ def serve(
         assert base is not None
         base = dataclasses.replace(base, secret=secret)
         node = Node(base, settings, view, bootstrapped=config is not None)
+        log.info("%s", describe_settings(node, secret is not None, metrics_addr))
         await run_server(node, authenticator=authenticator)
         if node.removed.is_set():
             log.warning(
@@ -451,7 +532,31 @@ def serve(
         uvloop.run(main())
     except (RaftKVError, RaftBindError, ConfigError) as e:
         log.error("%s", e)
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
+
+
+def describe_settings(node: Any, has_secret: bool, metrics_addr: str | None) -> str:
+    """The node's effective configuration, in one line (never a secret's value)."""
+    s = node.settings
+    me = node.view.node(node.id)
+    security = s.security
+    auth = (
+        "tokens"
+        if security.auth
+        else "client certificates"
+        if security.grpc_tls is not None and security.grpc_tls.client_cert_auth
+        else "none"
+    )
+    return (
+        f"effective configuration: node {node.id}, grpc {me.grpc}, raft {me.raft}, "
+        f"data dir {s.data_dir}, fsync {'on' if s.raft.fsync else 'OFF (--unsafe-no-fsync)'}, "
+        f"grpc TLS {'on' if security.grpc_tls else 'off'}, "
+        f"peer TLS {'on' if security.peer_tls else 'off'}, "
+        f"cluster secret {'set' if has_secret else 'not set'}, client auth {auth}, "
+        f"reads {'read-index' if s.raft.read_index else 'log-barrier'}, "
+        f"metrics {metrics_addr or 'off'}, cluster {node.view.cluster_id} "
+        f"({node.view.shards} shards, view epoch {node.view.epoch})"
+    )
 
 
 async def _join(
@@ -582,21 +687,27 @@ def _run(coro_fn: Any) -> Any:
         ) as c:
             return await coro_fn(c)
 
+    timeout = _client_opts.get("timeout", 10.0)
+    endpoints = _client_opts.get("endpoints", DEFAULT_ENDPOINT)
     try:
-        return asyncio.run(main())
-    except KeyNotFound as e:
-        raise fail(str(e), EXIT_NOT_FOUND) from None
+        # --timeout bounds the whole command, retries and view refreshes included.
+        return asyncio.run(asyncio.wait_for(main(), timeout))
+    except TimeoutError:
+        raise fail(
+            f"no answer within --timeout {timeout:g}s from {endpoints}: is the cluster "
+            "running and reachable from here?",
+            Exit.UNAVAILABLE,
+        ) from None
     except Unavailable as e:
         hint = f" (leader hint: {e.leader} at {e.leader_endpoint})" if e.leader else ""
-        raise fail(f"unavailable: {e}{hint}{_tls_hint(str(e))}") from None
+        message = f"unavailable: {e}{hint}{_tls_hint(str(e))}"
+        raise fail(message, Exit.UNAVAILABLE) from None
     except Unauthenticated as e:
-        raise fail(f"not authenticated: {e}") from None
+        raise fail(f"not authenticated: {e} (pass --token or --token-file)", Exit.AUTH) from None
     except PermissionDenied as e:
-        raise fail(f"permission denied: {e}") from None
-    except RaftKVError as e:
-        raise fail(f"{type(e).__name__}: {e}") from None
-    except (ValueError, ConfigError) as e:
-        raise fail(str(e)) from None
+        raise fail(f"permission denied: {e}", Exit.AUTH) from None
+    except (RaftKVError, ValueError, ConfigError, OSError) as e:
+        raise fail(str(e), exit_code_for(e)) from None
 
 
 def _tls_hint(message: str) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -53,11 +54,29 @@ class GetResult:
     leader: str
 
 
+def show_key(key: bytes, limit: int = 64) -> str:
+    """A key for a message: its text if it is UTF-8, escapes for the rest; never a repr."""
+    text = key[:limit].decode("utf-8", "backslashreplace")
+    return text + ("…" if len(key) > limit else "")
+
+
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
 def parse_endpoints(text: str | Sequence[str]) -> list[str]:
+    """HOST:PORT endpoints, comma-separated; checked here, so a typo is one clear error
+    instead of a dial that waits out its deadline."""
     items = text.split(",") if isinstance(text, str) else list(text)
     endpoints = [e.strip() for e in items if e.strip()]
     if not endpoints:
         raise ValueError("no endpoints given")
+    for endpoint in endpoints:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not _HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f'endpoint "{endpoint}" is not HOST:PORT (for example 127.0.0.1:7001); '
+                "separate several with commas"
+            )
     return endpoints
 
 
@@ -244,7 +263,7 @@ class Client:
         else:
             found = await self.get_one(key, stale=stale)
         if found is None:
-            raise KeyNotFound(f"key not found: {key[:64]!r}")
+            raise KeyNotFound(f"key not found: {show_key(key)}")
         return found
 
     async def get_one(self, key: bytes, *, stale: bool = False) -> GetResult | None:

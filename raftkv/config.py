@@ -148,17 +148,27 @@ class ClusterConfig:
     def from_dict(cls, raw: dict[str, object], source: str = "cluster file") -> ClusterConfig:
         unknown = set(raw) - {"shards", "replicas", "vnodes", "secret", "nodes"}
         if unknown:
-            raise ConfigError(f"{source}: unknown keys {sorted(unknown)}")
+            known = "shards, replicas, vnodes, secret, nodes"
+            raise ConfigError(
+                f"{source}: unknown keys: {', '.join(sorted(unknown))} (known: {known})"
+            )
         nodes_raw = raw.get("nodes")
         if not isinstance(nodes_raw, dict) or not nodes_raw:
             raise ConfigError(f"{source}: needs [nodes.<id>] tables with grpc and raft addresses")
         nodes = []
         for node_id, spec in nodes_raw.items():
-            if not isinstance(spec, dict) or not {"grpc", "raft"} <= set(spec):
-                raise ConfigError(f"{source}: [nodes.{node_id}] needs grpc and raft addresses")
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{source}: [nodes.{node_id}] must be a table (grpc, raft)")
+            # Unknown keys first: a typo (grcp =) is the likeliest reason one is missing.
             if set(spec) - {"grpc", "raft"}:
-                extra = sorted(set(spec) - {"grpc", "raft"})
-                raise ConfigError(f"{source}: [nodes.{node_id}] has unknown keys {extra}")
+                extra = ", ".join(sorted(set(spec) - {"grpc", "raft"}))
+                raise ConfigError(
+                    f"{source}: [nodes.{node_id}] has unknown keys: {extra} "
+                    "(a node table takes grpc and raft)"
+                )
+            if not {"grpc", "raft"} <= set(spec):
+                missing = " and ".join(sorted({"grpc", "raft"} - set(spec)))
+                raise ConfigError(f"{source}: [nodes.{node_id}] needs its {missing} address")
             nodes.append(NodeAddress(str(node_id), str(spec["grpc"]), str(spec["raft"])))
         secret = os.environ.get(SECRET_ENV) or raw.get("secret")
         try:

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from raftkv.config import ConfigError
+from raftkv.errors import Unavailable
 from raftkv.view import META_SHARD
 
 if TYPE_CHECKING:
@@ -228,6 +229,6 @@ def start_endpoint(address: str, state: NodeState) -> None:
     try:
         start_http_server(port, addr=host)
     except OSError as e:
-        raise ConfigError(
+        raise Unavailable(
             f"cannot serve metrics on {address}: {e.strerror or e} (is the port in use?)"
         ) from None

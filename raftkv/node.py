@@ -201,6 +201,8 @@ class Node:
         self.peers: dict[str, Peer] = {}
         self.forwarder = Forwarder(self)
         self.via_leader_requests = 0
+        # Leader balancing: (shard, target) -> (not before, last delay) after an attempt.
+        self._transfer_backoff: dict[tuple[int, str], tuple[float, float]] = {}
         self.requests_handled = 0  # RPCs answered (counted by the server's guard)
         self._sync_peers()
         self._leader_cache: dict[int, str] = {}
@@ -769,10 +771,26 @@ class Node:
         mine = [s for s, leader in leaders.items() if leader == self.id]
         if len(mine) <= fair:
             return False
+        now = time.monotonic()
+        transport = self.driver.transport
         for shard in mine:
-            others = [n for n in shards[shard].members if n != self.id and n in counts]
+            # Only to a peer we can reach: a node that is down leads nothing, so it always
+            # looks like the best target, and pysyncobj declines every transfer to it.
+            others = [
+                n
+                for n in shards[shard].members
+                if n != self.id
+                and n in counts
+                and transport.is_connected(n)
+                and self._transfer_backoff.get((shard, n), (0.0, 0.0))[0] <= now
+            ]
             target = min(others, key=lambda n: counts[n], default="")
             if target and counts[target] + 1 < len(mine):
+                # Should the transfer not happen (the target lags, or is slow), the next try
+                # for this pair waits longer: 3 s, 6 s, ... up to a minute.
+                _, delay = self._transfer_backoff.get((shard, target), (0.0, 1.5))
+                delay = min(delay * 2, 60.0)
+                self._transfer_backoff[(shard, target)] = (now + delay, delay)
                 log.info(
                     "shard %d: moving leadership to %s (%s leads %d shards, fair share %d)",
                     shard,

@@ -719,9 +719,15 @@ class KVService:
 
         def reply(r: cpb.CommandResult, h: kv.ResponseHeader) -> kv.CompareAndSwapResponse:
             if r.code == cpb.CommandResult.PRECONDITION_FAILED:
+                now = (
+                    "the key does not exist"
+                    if r.current_version == 0
+                    else f"its current version is {r.current_version}"
+                )
+                what = "value" if which == "expected_value" else "version"
                 raise PreconditionFailed(
-                    f"compare-and-swap failed: the current version is {r.current_version}"
-                    + (" (key absent)" if r.current_version == 0 else ""),
+                    f"compare-and-swap not applied: the key's {what} is not the expected one "
+                    f"({now})",
                     r.current_version,
                 )
             return kv.CompareAndSwapResponse(header=h, version=r.version)

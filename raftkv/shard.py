@@ -67,6 +67,7 @@ from raftkv.raft.transport import ShardTransport
 from raftkv.replica import ReplicaInfo
 from raftkv.statemachine import Entry, StateMachine
 from raftkv.throttle import Throttle
+from raftkv.view import group_name
 
 log = logging.getLogger("raftkv.shard")
 T = TypeVar("T")
@@ -107,12 +108,31 @@ class ShardReplica:
         joining: bool = False,
     ) -> None:
         self.shard_id = shard_id
+        self._name = group_name(shard_id)  # "shard 3" or "meta", for the log
         self.node_id = node_id
         self._driver = driver
         self._storage = storage
         self.machine = StateMachine()
         tuning = driver.tuning
         self._journal = storage.journal
+        journal = storage.journal
+        if journal.existed or storage.snapshot is not None:
+            # A restart: say what it starts from, so the log shows the replay and catch-up.
+            snap = storage.snapshot
+            log.info(
+                "%s: reopening: snapshot at index %d, journal holds %d entries (%d-%d), term "
+                "%d, commit index %d; replaying, then catching up with the leader",
+                self._name,
+                snap.last_applied.index if snap is not None else 0,
+                len(journal),
+                journal.first_index if len(journal) else 0,
+                journal.last_index,
+                storage.meta.term,
+                storage.meta.commit_index,
+            )
+            self._catching_up = True
+        else:
+            self._catching_up = False
         conf = SyncObjConf(
             autoTick=False,
             appendEntriesUseBatch=True,
@@ -424,12 +444,26 @@ class ShardReplica:
             journal_bytes=self._journal.size_bytes,
             leader_changes=self._leader_changes,
         )
+        if (
+            self._catching_up
+            and leader_id
+            and self._info.last_applied >= self._info.commit_index > 0
+            and (leader_id == self.node_id or self._driver.transport.is_connected(leader_id))
+        ):
+            self._catching_up = False
+            log.info(
+                "%s: caught up: applied up to index %d, leader %s (term %d)",
+                self._name,
+                self._info.last_applied,
+                leader_id,
+                self._info.term,
+            )
         if leader_id != self._last_leader:
             self._last_leader = leader_id
             self._leader_changes += 1
             log.info(
-                "shard %d: leader is now %s (term %d)",
-                self.shard_id,
+                "%s: leader is now %s (term %d)",
+                self._name,
                 leader_id or "unknown",
                 self._info.term,
             )
@@ -481,7 +515,7 @@ class ShardReplica:
         if isinstance(error, StorageError):
             self.storage_failed(error)
         elif self._throttle.allow(f"deliver:{type(error).__name__}"):
-            log.error("shard %d: handling a Raft message failed: %r", self.shard_id, error)
+            log.error("%s: handling a Raft message failed: %r", self._name, error)
 
     def _settle_inflight(self, error: RaftKVError) -> None:
         loop = self._loop
@@ -638,8 +672,8 @@ class ShardReplica:
         if self._fence > self._group.raftCurrentTerm:
             self._group.set_term(self._fence, None)
         log.warning(
-            "shard %d: recovering from peers: term fence %d from %s; catching up, not voting",
-            self.shard_id,
+            "%s: recovering from peers: term fence %d from %s; catching up, not voting",
+            self._name,
             self._fence,
             ", ".join(f"{p}={t}" for p, t in sorted(self._reported.items())),
         )
@@ -668,9 +702,9 @@ class ShardReplica:
         self._transport.accept = None
         self._transport.delivered = None
         log.warning(
-            "shard %d: rebuilt from peers: holds leader %s's log up to its commit index %d "
+            "%s: rebuilt from peers: holds leader %s's log up to its commit index %d "
             "(term %d); voting again",
-            self.shard_id,
+            self._name,
             peer,
             commit,
             term,
@@ -681,7 +715,7 @@ class ShardReplica:
             return
         self._joining = False
         self._transport.delivered = None
-        log.info("shard %d: joined the group (first entries from leader %s)", self.shard_id, peer)
+        log.info("%s: joined the group (first entries from leader %s)", self._name, peer)
 
     # -- membership (leader side) ------------------------------------------------------------
 
@@ -837,7 +871,7 @@ class ShardReplica:
         return _ROLES.get(self._group._SyncObj__raftState, "follower")
 
     def _on_state_changed(self, old: int, new: int) -> None:
-        log.info("shard %d: %s -> %s", self.shard_id, _ROLES.get(old, old), _ROLES.get(new, new))
+        log.info("%s: %s -> %s", self._name, _ROLES.get(old, old), _ROLES.get(new, new))
 
     def close(self) -> None:
         self._group.destroy()
@@ -858,11 +892,9 @@ class ShardReplica:
                 write_snapshot(path, snap)
         except OSError as e:
             if self._throttle.allow("snapshot"):
-                log.error("shard %d: cannot write a snapshot to %s: %s", self.shard_id, path, e)
+                log.error("%s: cannot write a snapshot to %s: %s", self._name, path, e)
             raise
-        log.info(
-            "shard %d: snapshot at index %d (%d keys)", self.shard_id, last[1], len(snap.entries)
-        )
+        log.info("%s: snapshot at index %d (%d keys)", self._name, last[1], len(snap.entries))
 
     @staticmethod
     def _never_called(path: str) -> tuple[Any, ...]:
@@ -972,7 +1004,7 @@ class ShardReplica:
             self._inflight.discard(future)
             elapsed = time.monotonic() - started
             if elapsed > SLOW_PROPOSAL_S and self._throttle.allow("slow"):
-                log.warning("shard %d: slow proposal took %.2fs", self.shard_id, elapsed)
+                log.warning("%s: slow proposal took %.2fs", self._name, elapsed)
         metrics.committed.inc()
         metrics.proposal_duration.observe(elapsed)
         return outcome
@@ -1033,10 +1065,11 @@ class ShardReplica:
             def done(_result: Any, error: int) -> None:
                 if error != FAIL_REASON.SUCCESS:
                     log.info(
-                        "shard %d: leadership transfer to %s declined (%s)",
-                        self.shard_id,
+                        "%s: leadership transfer to %s did not happen: %s; it is tried again "
+                        "later, less often",
+                        self._name,
                         target,
-                        error,
+                        _TRANSFER_FAILURES.get(error, f"pysyncobj reason {error}"),
                     )
 
             if self._group._isLeader() and not self._failed:
@@ -1064,6 +1097,17 @@ class ShardReplica:
 
     def read_local(self, key: bytes) -> Entry | None:
         return self.machine.get(key)
+
+
+# Why pysyncobj did not hand leadership over (FAIL_REASON), in words.
+_TRANSFER_FAILURES = {
+    FAIL_REASON.REQUEST_DENIED: "the target is not reachable or has not caught up yet",
+    FAIL_REASON.NOT_LEADER: "this replica no longer leads",
+    FAIL_REASON.LEADER_CHANGED: "the leader changed meanwhile",
+    FAIL_REASON.MISSING_LEADER: "no leader",
+    FAIL_REASON.DISCARDED: "the request was dropped",
+    FAIL_REASON.QUEUE_FULL: "too many requests queued",
+}
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:

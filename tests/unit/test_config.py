@@ -49,6 +49,9 @@ def test_fingerprint_changes_with_the_cluster() -> None:
         ("bogus = 1\n" + GOOD, "unknown"),
         (GOOD + "extra = 1\n", "unknown"),
         ("shards = [", "not valid TOML"),
+        # A typo in a node table names the typo, not the key it hides.
+        (GOOD.replace("grpc = ", "grcp = ", 1), r"unknown keys: grcp \(a node table takes"),
+        (GOOD.replace('raft = "127.0.0.1:7101"\n', "", 1), "needs its raft address"),
     ],
 )
 def test_bad_files_get_clear_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -98,7 +98,7 @@ def test_compare_and_swap_checks_the_version(tmp_path: Path) -> None:
 
 def test_compare_and_swap_on_an_absent_key_says_so(tmp_path: Path) -> None:
     svc, _, _ = _service(tmp_path)
-    with pytest.raises(PreconditionFailed, match="key absent"):
+    with pytest.raises(PreconditionFailed, match="the key does not exist"):
         _run(
             svc.compare_and_swap(
                 received(kv.CompareAndSwapRequest(key=b"new", value=b"x", expected_version=3)),

@@ -150,8 +150,11 @@ def test_a_stopped_node_routes_nothing(tmp_path: Path) -> None:
     assert calls.local == [] and calls.remote == []
 
 
-def test_a_node_leading_more_than_its_share_hands_one_leadership_away(tmp_path: Path) -> None:
+def test_a_node_leading_more_than_its_share_hands_one_leadership_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node, fakes = fake_node(tmp_path, shards=6)
+    monkeypatch.setattr(node.driver.transport, "is_connected", lambda _peer: True)
     shards = [f for s, f in fakes.items() if s != META_SHARD]
     assert len(shards) == 6 and all(f.is_leader for f in shards)
     assert node.rebalance_once()
@@ -162,6 +165,19 @@ def test_a_node_leading_more_than_its_share_hands_one_leadership_away(tmp_path: 
         pass
     led = [f.info.leader for f in shards]
     assert sorted(led.count(n) for n in ("n1", "n2", "n3")) == [2, 2, 2]
+
+
+def test_leadership_is_never_handed_to_a_peer_out_of_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node that is down leads nothing, so it looks like the best target; pysyncobj would
+    # decline every transfer to it (and the log said so every 3 s).
+    node, fakes = fake_node(tmp_path, shards=6)
+    monkeypatch.setattr(node.driver.transport, "is_connected", lambda peer: peer == "n2")
+    while node.rebalance_once():
+        pass
+    targets = [t for f in fakes.values() for t in f.transfers]
+    assert targets and set(targets) == {"n2"}
 
 
 def test_no_leadership_moves_while_an_election_is_under_way(tmp_path: Path) -> None:
