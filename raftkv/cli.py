@@ -9,6 +9,7 @@ reason (and the leader hint when there is one) and exit non-zero; they never pri
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import inspect
@@ -16,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import sys
 import time
@@ -60,18 +62,35 @@ from raftkv.logs import configure as configure_logging
 from raftkv.network import ClientTLS
 from raftkv.view import META_SHARD, ClusterView
 
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 key not found; 2 bad flags, arguments or input; "
+    "3 compare-and-swap conflict; 4 cluster unavailable (unreachable, no leader or quorum, "
+    "timeout, overload); 5 unusable file or configuration; 6 not authenticated or not "
+    "permitted; 7 internal error."
+)
+
 app = typer.Typer(
     rich_markup_mode="markdown",
     help="raftkv: a sharded, Raft-replicated key-value store with a gRPC API.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 client_app = typer.Typer(
     rich_markup_mode="markdown",
-    help="Talk to a running cluster: put, get, delete, cas, status.",
+    help="Talk to a running cluster: put, get, delete, cas, status, endpoint. The options "
+    "below may also be given after the command, as with etcdctl "
+    "(raftkv client put k v --endpoints ...).",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
 )
+endpoint_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Per endpoint: is it healthy, and what does it hold (etcdctl endpoint health/status).",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+)
+client_app.add_typer(endpoint_app, name="endpoint")
 local_app = typer.Typer(
     rich_markup_mode="markdown",
     help="Run a whole cluster of local processes.",
@@ -127,11 +146,6 @@ class Exit(IntEnum):
 
 EXIT_NOT_FOUND = Exit.NOT_FOUND
 EXIT_ERROR = Exit.USAGE
-
-EXIT_CODES_HELP = """Exit codes: 0 success; 1 key not found; 2 bad flags, arguments or input;
-3 compare-and-swap conflict; 4 cluster unavailable (unreachable, no leader or quorum,
-timeout, overload); 5 unusable file or configuration; 6 not authenticated or not
-permitted; 7 internal error."""
 
 
 def fail(message: str, code: int = Exit.USAGE) -> typer.Exit:
@@ -619,6 +633,13 @@ class DemoStory(StrEnum):
 class Output(StrEnum):
     table = "table"
     json = "json"
+    simple = "simple"
+
+
+def _write_out(per_command: Output | None, default: Output = Output.table) -> Output:
+    """The output format: the command's -o, else the global -w/--write-out, else its own."""
+    chosen = per_command or _client_opts.get("write_out")
+    return chosen if chosen is not None else default
 
 
 _client_opts: dict[str, Any] = {}
@@ -664,6 +685,17 @@ def client_main(
         Path | None,
         _path_option("--token-file", "RAFTKV_TOKEN_FILE", "File holding the bearer token."),
     ] = None,
+    write_out: Annotated[
+        Output | None,
+        typer.Option(
+            "--write-out",
+            "-w",
+            envvar="RAFTKV_WRITE_OUT",
+            help="Output format of every command: table, json or simple (one fact per "
+            "line). [default: each command's own; get prints the bare value]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Options shared by every client command (TLS is used when --cacert, --cert or --key
     is given)."""
@@ -671,9 +703,12 @@ def client_main(
         if token is None and token_file is not None:
             token = token_file.read_text().strip()
     except OSError as e:
-        raise fail(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+        message = f"cannot read the token file {token_file}: {e.strerror or e}"
+        raise fail(message, Exit.FILE) from None
     tls = ClientTLS(cacert, cert, key) if (cacert or cert or key) else None
-    _client_opts.update(endpoints=endpoints, timeout=timeout, tls=tls, token=token)
+    _client_opts.update(
+        endpoints=endpoints, timeout=timeout, tls=tls, token=token, write_out=write_out
+    )
 
 
 def _run(coro_fn: Any) -> Any:
@@ -735,7 +770,7 @@ def put(
     """Store VALUE under KEY. Prints the key's new version."""
     data = _read_value(value)
     version = _run(lambda c: c.put(key.encode(), data))
-    typer.echo(f"OK version={version}")
+    _echo_write({"key": key, "version": version}, f"OK version={version}")
 
 
 @client_app.command()
@@ -745,8 +780,30 @@ def get(
         bool, typer.Option(help="Read any replica's local copy (may be stale; no quorum needed).")
     ] = False,
 ) -> None:
-    """Print the value of KEY on stdout. A missing key exits 1 with a message on stderr."""
+    """Print the value of KEY on stdout. A missing key exits 1 with a message on stderr.
+
+    -w json prints the key, the value (as text if it is UTF-8, and base64) and its version;
+    -w table a KEY/VERSION/VALUE table.
+    """
     result = _run(lambda c: c.get(key.encode(), stale=stale))
+    fmt = _write_out(None, Output.simple)
+    if fmt == Output.json:
+        try:
+            text: str | None = result.value.decode()
+        except UnicodeDecodeError:
+            text = None
+        doc = {
+            "key": key,
+            "value": text,
+            "value_base64": base64.b64encode(result.value).decode(),
+            "version": result.version,
+        }
+        typer.echo(json.dumps(doc))
+        return
+    if fmt == Output.table:
+        shown = result.value.decode("utf-8", "backslashreplace")
+        typer.echo(f"KEY\tVERSION\tVALUE\n{key}\t{result.version}\t{shown}")
+        return
     sys.stdout.buffer.write(result.value)
     if sys.stdout.isatty():
         sys.stdout.buffer.write(b"\n")
@@ -757,7 +814,9 @@ def get(
 def delete(key: Annotated[str, typer.Argument(help="The key (UTF-8).")]) -> None:
     """Delete KEY. Succeeds whether or not it existed."""
     existed = _run(lambda c: c.delete(key.encode()))
-    typer.echo("deleted" if existed else "not found (nothing to delete)")
+    _echo_write(
+        {"key": key, "deleted": existed}, "deleted" if existed else "not found (nothing to delete)"
+    )
 
 
 @client_app.command()
@@ -783,7 +842,12 @@ def cas(
             expected_version=expected_version,
         )
     )
-    typer.echo(f"OK version={version}")
+    _echo_write({"key": key, "version": version}, f"OK version={version}")
+
+
+def _echo_write(doc: dict[str, Any], line: str) -> None:
+    """A write's outcome: ``doc`` with -w json, else ``line``."""
+    typer.echo(json.dumps(doc) if _write_out(None) == Output.json else line)
 
 
 def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
@@ -870,11 +934,25 @@ def render_status(s: kv.StatusResponse) -> str:
 
 @client_app.command()
 def status(
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+    output: Annotated[
+        Output | None,
+        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
+    ] = None,
 ) -> None:
     """Show the nodes and, per shard: replicas, leader, term and commit index."""
     s = _run(lambda c: c.status())
-    typer.echo(json.dumps(status_dict(s), indent=2) if output == Output.json else render_status(s))
+    fmt = _write_out(output)
+    if fmt == Output.json:
+        typer.echo(json.dumps(status_dict(s), indent=2))
+    elif fmt == Output.simple:
+        for shard in [*s.shards, s.meta]:
+            name = "meta" if shard.shard_id == META_SHARD else f"shard {shard.shard_id}"
+            typer.echo(
+                f"{name} leader {shard.leader or 'none'} term {shard.term} "
+                f"commit {shard.commit_index} replicas {','.join(shard.replicas)}"
+            )
+    else:
+        typer.echo(render_status(s))
 
 
 # -- shell ----------------------------------------------------------------------------------
@@ -900,6 +978,123 @@ History and tab completion at a terminal; reads commands line by line from a pip
 (printf 'put a 1\\nget a\\n' | raftkv shell). Type help for the commands.
 """
 app.command("shell")(_shell)
+
+# -- version --------------------------------------------------------------------------------
+
+
+def version_text() -> str:
+    import platform
+
+    import grpc
+    import pysyncobj
+
+    from raftkv import __version__
+    from raftkv.raft.handshake import PROTOCOL_VERSION
+
+    return (
+        f"raftkv {__version__} (Raft protocol {PROTOCOL_VERSION}; python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}, pysyncobj "
+        f"{getattr(pysyncobj, '__version__', '0.3.17')})"
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """raftkv: a sharded, Raft-replicated key-value store with a gRPC API."""
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print raftkv's version, its Raft protocol version and its main dependencies."""
+    typer.echo(version_text())
+
+
+# -- endpoint health / status (etcdctl endpoint ...) ----------------------------------------
+
+
+@endpoint_app.command("health")
+def endpoint_health(
+    cluster: Annotated[
+        bool,
+        typer.Option("--cluster", help="Check every node the cluster lists, not only --endpoints."),
+    ] = False,
+) -> None:
+    """Is each endpoint healthy? It must answer the gRPC health check and serve a
+    linearizable read (which needs its shard's leader and a quorum). Exits 4 if any is not."""
+    from raftkv.endpoints import check_health
+
+    results = _run(lambda c: check_health(c, cluster))
+    fmt = _write_out(None, Output.simple)
+    if fmt == Output.json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    elif fmt == Output.table:
+        typer.echo(f"{'ENDPOINT':<24} {'HEALTH':<8} {'TOOK':>9}  ERROR")
+        for r in results:
+            took = f"{r.took_ms:.1f}ms"
+            typer.echo(f"{r.endpoint:<24} {str(r.healthy).lower():<8} {took:>9}  {r.error}")
+    else:
+        for r in results:
+            if r.healthy:
+                typer.echo(f"{r.endpoint} is healthy: a linearizable read took {r.took_ms:.1f}ms")
+            else:
+                typer.echo(f"{r.endpoint} is unhealthy: {r.error}")
+    if not all(r.healthy for r in results):
+        raise typer.Exit(Exit.UNAVAILABLE)
+
+
+@endpoint_app.command("status")
+def endpoint_status(
+    cluster: Annotated[
+        bool,
+        typer.Option("--cluster", help="Every node the cluster lists, not only --endpoints."),
+    ] = False,
+) -> None:
+    """Per endpoint: node id, version, shards led, replicas, applied index (summed over its
+    replicas), highest term, and how long its Status took. Exits 4 if any did not answer."""
+    from raftkv.endpoints import check_status
+
+    results = _run(lambda c: check_status(c, cluster))
+    fmt = _write_out(None)
+    if fmt == Output.json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        if fmt == Output.table:
+            typer.echo(
+                f"{'ENDPOINT':<24} {'NODE':<8} {'VERSION':<8} {'LEADS':>5} {'REPLICAS':>8} "
+                f"{'APPLIED':>10} {'TERM':>5} {'TOOK':>9}  ERRORS"
+            )
+        for r in results:
+            took = f"{r.took_ms:.1f}ms"
+            if fmt == Output.table:
+                typer.echo(
+                    f"{r.endpoint:<24} {r.node:<8} {r.version:<8} {r.leads:>5} "
+                    f"{r.replicas:>8} {r.applied:>10} {r.term:>5} {took:>9}  {r.error}"
+                )
+            else:
+                typer.echo(
+                    f"{r.endpoint}: node {r.node or '?'}, version {r.version or '?'}, leads "
+                    f"{r.leads} of {r.replicas} replicas, applied {r.applied}, term {r.term}, "
+                    f"took {took}" + (f", error: {r.error}" if r.error else "")
+                )
+    if any(r.error and not r.node for r in results):
+        raise typer.Exit(Exit.UNAVAILABLE)
+
 
 # -- top ------------------------------------------------------------------------------------
 
@@ -930,7 +1125,7 @@ def _top(
     try:
         endpoints = parse_endpoints(_client_opts["endpoints"])
     except ValueError as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     sampler = Sampler(
         endpoints,
         Dialer(_client_opts["tls"], _client_opts["token"]),
@@ -1007,7 +1202,10 @@ def render_members(s: kv.StatusResponse) -> str:
 
 @member_app.command("list")
 def member_list(
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+    output: Annotated[
+        Output | None,
+        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
+    ] = None,
 ) -> None:
     """The nodes: id, addresses, state, reachable, replica count, meta group member."""
 
@@ -1018,7 +1216,7 @@ def member_list(
         return await c.status()
 
     s = _run(current_status)
-    if output == Output.json:
+    if _write_out(output) == Output.json:
         doc = {"epoch": s.epoch, "members": members_dict(s), "moves": list(s.moves)}
         typer.echo(json.dumps(doc, indent=2))
     else:
@@ -1028,7 +1226,10 @@ def member_list(
 @snapshot_app.command("save")
 def snapshot_save(
     file: Annotated[Path, typer.Argument(help="Where to write the backup.")],
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+    output: Annotated[
+        Output | None,
+        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
+    ] = None,
 ) -> None:
     """Save a point-in-time copy of every shard to FILE (admin role).
 
@@ -1042,13 +1243,16 @@ def snapshot_save(
     if file.is_dir():
         raise fail(f"{file} is a directory: give the path of the file to write")
     manifest = _run(lambda c: save(c, file))
-    _print_manifest(manifest, file, output)
+    _print_manifest(manifest, file, _write_out(output))
 
 
 @snapshot_app.command("status")
 def snapshot_status(
     file: Annotated[Path, typer.Argument(help="A backup written by snapshot save.")],
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+    output: Annotated[
+        Output | None,
+        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
+    ] = None,
 ) -> None:
     """Check a backup (every byte, every shard's digest) and show its manifest."""
     from raftkv.backup import BackupError, read_backup
@@ -1056,8 +1260,8 @@ def snapshot_status(
     try:
         backup = read_backup(file)
     except BackupError as e:
-        raise fail(str(e)) from None
-    _print_manifest(backup.manifest, file, output)
+        raise fail(str(e), exit_code_for(e)) from None
+    _print_manifest(backup.manifest, file, _write_out(output))
 
 
 @snapshot_app.command("restore")
@@ -1102,9 +1306,10 @@ def snapshot_restore(
         ids = node_ids or [n.id for n in config.nodes]
         restored = restore(backup, config, {n: data_dir / n for n in ids})
     except (BackupError, ConfigError, ValueError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     except OSError as e:
-        raise fail(f"cannot write the data dirs under {data_dir}: {e.strerror or e}") from None
+        message = f"cannot write the data dirs under {data_dir}: {e.strerror or e}"
+        raise fail(message, Exit.FILE) from None
     total = sum(len(part) for part in backup.shards.values())
     typer.echo(
         f"restored {total:,} keys from {file} ({backup.manifest.shard_count} shards, cluster "
@@ -1132,7 +1337,7 @@ def _print_manifest(manifest: Any, file: Path, output: Output) -> None:
     ]
     total = sum(s["keys"] for s in shards)
     size = file.stat().st_size
-    if output == Output.json:
+    if _write_out(output) == Output.json:
         doc = {
             "file": str(file),
             "bytes": size,
@@ -1202,7 +1407,10 @@ def rebalance(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only print the plan; change nothing.")
     ] = False,
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
+    output: Annotated[
+        Output | None,
+        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
+    ] = None,
 ) -> None:
     """Spread the replicas evenly over the active nodes, moving as few as possible."""
     reply = _run(lambda c: c.rebalance(dry_run=dry_run))
@@ -1214,7 +1422,7 @@ def rebalance(
         }
         for m in reply.moves
     ]
-    if output == Output.json:
+    if _write_out(output) == Output.json:
         typer.echo(json.dumps({"epoch": reply.view.epoch, "moves": moves}, indent=2))
         return
     verb = "would move" if dry_run else "moving"
@@ -1256,16 +1464,54 @@ def local_up(
             "--serve-arg=--read-path=log-barrier or --serve-arg=--unsafe-no-fsync.",
         ),
     ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Delete DIR first (its data and logs): start a new cluster even if DIR "
+            "holds one with other settings.",
+        ),
+    ] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Restart a node that exits (after 2 s), instead of only reporting it: "
+            "kill one and watch it fail over and catch up.",
+        ),
+    ] = False,
 ) -> None:
-    """Start a local cluster of real `raftkv serve` processes; Ctrl-C stops them all."""
+    """Start a local cluster of real `raftkv serve` processes; Ctrl-C stops them all.
+
+    A node that exits (or that you kill) is reported and the others keep running, so you can
+    watch a failover; the report says how to start it again, or --restart does it.
+    """
     from raftkv import certs
     from raftkv.testing.cluster import LocalCluster
 
     try:
         config = ClusterConfig.local(nodes, shards, replicas, base_port)
+        existing = directory / "cluster.toml"
+        if fresh and directory.exists():
+            if not existing.exists():
+                raise fail(
+                    f"--fresh would delete {directory}, which holds no local cluster "
+                    "(no cluster.toml): give another --dir",
+                    Exit.USAGE,
+                )
+            shutil.rmtree(directory)
+        elif existing.exists():
+            differences = _local_differences(ClusterConfig.load(existing), config)
+            if differences:
+                raise fail(
+                    f"{directory} holds a local cluster with other settings ("
+                    + "; ".join(differences)
+                    + "): add --fresh to delete it and start a new one, or give another --dir",
+                    Exit.USAGE,
+                )
         cluster = LocalCluster(config, directory, secure=secure, extra_args=tuple(serve_arg or ()))
     except (ConfigError, certs.CertError, OSError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -1279,7 +1525,11 @@ def local_up(
         try:
             cluster.start(timeout=60)
         except (TimeoutError, RuntimeError) as e:
-            raise fail(f"cluster did not start: {e} (logs in {directory / 'logs'})") from None
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
+            raise fail(
+                f"cluster did not start: {first} (logs in {directory / 'logs'})",
+                Exit.UNAVAILABLE,
+            ) from None
         typer.echo(f"cluster file: {cluster.cluster_file}")
         typer.echo(f"endpoints:    {','.join(cluster.endpoints)}")
         typer.echo(f"logs:         {directory / 'logs'}/<node>/raftkv.log")
@@ -1290,19 +1540,53 @@ def local_up(
         else:
             typer.echo(f"try:          raftkv client -e {cluster.endpoints[0]} status")
         typer.echo("Ctrl-C stops every node.")
+        down: dict[str, float] = {}  # node id -> when we saw it exit
         try:
             while not stop:
+                now = time.monotonic()
                 for n in cluster.nodes.values():
-                    if not n.running:
+                    if n.running:
+                        down.pop(n.id, None)
+                        continue
+                    if n.id not in down:
+                        down[n.id] = now
+                        code = n.process.returncode if n.process else None
+                        how = f"killed by signal {-code}" if code and code < 0 else f"code {code}"
                         typer.echo(
-                            f"node {n.id} exited (code {n.process and n.process.returncode})"
+                            f"node {n.id} exited ({how}); the other nodes keep running. "
+                            + (
+                                "Restarting it in 2 s."
+                                if restart
+                                else "Start it again with: " + " ".join(cluster.command(n.id))
+                            ),
+                            err=True,
                         )
-                        stop = True
+                    elif restart and now - down[n.id] >= 2.0:
+                        typer.echo(f"restarting node {n.id}", err=True)
+                        cluster.start_node(n.id, wait=False)
+                if len(down) == len(cluster.nodes) and not restart:
+                    typer.echo("every node has exited", err=True)
+                    stop = True
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
         typer.echo("stopping...")
     typer.echo("all nodes stopped")
+
+
+def _local_differences(old: ClusterConfig, new: ClusterConfig) -> list[str]:
+    """What a `local up` with ``new`` settings changes in the cluster file of ``old``."""
+    out = []
+    for what, a, b in (
+        ("shards", old.shards, new.shards),
+        ("replicas", old.replicas, new.replicas),
+        ("nodes", len(old.nodes), len(new.nodes)),
+    ):
+        if a != b:
+            out.append(f"{what} {a}, not {b}")
+    if len(old.nodes) == len(new.nodes) and old.nodes != new.nodes:
+        out.append(f"ports from {old.nodes[0].grpc}, not {new.nodes[0].grpc}")
+    return out
 
 
 @app.command()
@@ -1377,7 +1661,7 @@ def certs_init(
         else:
             create_certs(directory, ClusterConfig.load(cluster), overwrite=overwrite)
     except (certs.CertError, ConfigError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     for f in sorted(directory.glob("*.crt")):
         typer.echo(certs.describe(f))
     if cluster is not None:
@@ -1411,7 +1695,7 @@ def certs_node(
             overwrite=overwrite,
         )
     except certs.CertError as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     typer.echo(certs.describe(issued.cert))
 
 
@@ -1427,7 +1711,7 @@ def certs_client(
     try:
         issued = certs.create_client_cert(directory, name, overwrite=overwrite)
     except certs.CertError as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     typer.echo(certs.describe(issued.cert))
 
 
@@ -1438,7 +1722,7 @@ def certs_list(directory: _DirOption = Path("certs")) -> None:
 
     found = sorted(directory.glob("*.crt"))
     if not found:
-        raise fail(f"no certificates in {directory} (make them with: raftkv certs init)")
+        raise fail(f"no certificates in {directory} (make them with: raftkv certs init)", Exit.FILE)
     for f in found:
         try:
             typer.echo(certs.describe(f))
@@ -1459,7 +1743,7 @@ def auth_init(
     try:
         create_auth(directory, overwrite=overwrite)
     except (OSError, ConfigError, ValueError) as e:
-        raise fail(f"{e}") from None
+        raise fail(f"{e}", exit_code_for(e)) from None
     typer.echo(f"{directory / SECRET}: the cluster secret (serve --secret-file)")
     typer.echo(f"{directory / AUTH_KEY}: verifies minted tokens (serve --auth-key-file)")
     typer.echo(f"{directory / ADMIN_TOKEN}: an admin token (client --token-file)")
@@ -1486,7 +1770,7 @@ def auth_mint(
             auth.read_key_file(key_file), name, parsed_role, ttl_s=seconds or None
         )
     except (ValueError, ConfigError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     typer.echo(token)
 
 
@@ -1503,7 +1787,7 @@ def auth_secret(
     except FileExistsError:
         raise fail(f"{path} exists; pass --overwrite to replace it") from None
     except OSError as e:
-        raise fail(f"cannot write {path}: {e.strerror or e}") from None
+        raise fail(f"cannot write {path}: {e.strerror or e}", Exit.FILE) from None
     typer.echo(f"wrote a new cluster secret to {path}")
 
 
@@ -1683,10 +1967,50 @@ def bench(
             token=token or (token_file.read_text().strip() if token_file else None),
         )
     except (b.BenchError, ValueError, OSError) as e:
-        raise fail(str(e)) from None
+        raise fail(str(e), exit_code_for(e)) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
 
 
+# Options of the client and admin groups, and whether each takes a value: etcdctl accepts
+# global flags anywhere on the line, click only before the subcommand.
+_GROUP_OPTIONS = {
+    "--endpoints": True,
+    "-e": True,
+    "--timeout": True,
+    "--cacert": True,
+    "--cert": True,
+    "--key": True,
+    "--token": True,
+    "--token-file": True,
+    "--write-out": True,
+    "-w": True,
+}
+
+
+def hoist_group_options(argv: list[str]) -> list[str]:
+    """Move the client/admin group options found after the subcommand to just after the
+    group name, where click expects them (`client put k v -e X` is `client -e X put k v`)."""
+    if not argv or argv[0] not in ("client", "admin"):
+        return argv
+    moved: list[str] = []
+    rest: list[str] = []
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name, eq, _ = arg.partition("=")
+        if name in _GROUP_OPTIONS and (eq or i + 1 < len(argv)):
+            taken = [arg] if eq else [arg, argv[i + 1]]
+            moved.extend(taken)
+            i += len(taken)
+            continue
+        rest.append(arg)
+        i += 1
+    return [argv[0], *moved, *rest]
+
+
 def main() -> None:
-    app()
+    app(args=hoist_group_options(sys.argv[1:]), prog_name="raftkv")

@@ -142,6 +142,16 @@ class Client:
         self._channels.clear()
         self._kv_stubs.clear()
 
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        """This client's channel to one endpoint (TLS and all), for calls made to exactly
+        that node (``raftkv client endpoint ...``); the client closes it."""
+        return self._channel(endpoint)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries: the bearer token, if any."""
+        return self._md
+
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:

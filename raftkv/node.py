@@ -35,6 +35,7 @@ from typing import TypeVar
 
 import grpc
 
+from raftkv import __version__
 from raftkv._pb.raftkv.v1 import admin_pb2 as admin
 from raftkv._pb.raftkv.v1 import admin_pb2_grpc as admin_grpc
 from raftkv._pb.raftkv.v1 import forward_pb2_grpc as fwd_grpc
@@ -856,6 +857,7 @@ class Node:
             forward_batches=self.forwarder.batches,
             via_leader_requests=self.via_leader_requests,
             requests_handled=self.requests_handled,
+            version=__version__,
             shard_count=view.shards,
             vnodes=view.vnodes,
             cluster_fingerprint=self.cluster_id,

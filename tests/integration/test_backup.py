@@ -136,7 +136,7 @@ def test_a_damaged_backup_is_refused_with_a_clear_message(
              str(tmp_path / f"dirs-{name}")),
         ):  # fmt: skip
             out = raftkv("admin", "snapshot", *args)
-            assert out.returncode == 2, (name, out.stdout)
+            assert out.returncode == 5, (name, out.stdout)
             assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
             assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert not (tmp_path / f"dirs-{name}").exists()
@@ -159,5 +159,5 @@ def test_restore_never_writes_over_an_existing_data_dir(
         "admin", "snapshot", "restore", str(file), "--cluster", str(cluster3.cluster_file),
         "--data-dir", str(tmp_path / "dirs"),
     )  # fmt: skip
-    assert out.returncode == 2 and "is not empty" in out.stderr, out.stderr
+    assert out.returncode == 5 and "is not empty" in out.stderr, out.stderr
     assert sorted(p.name for p in (tmp_path / "dirs").iterdir()) == ["n1"]

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_bad_input_is_a_clear_cli_error(cluster3: LocalCluster) -> None:
 def test_delete_and_cas(cluster3: LocalCluster) -> None:
     assert client(cluster3, "put", "cli-cas", "a").returncode == 0
     mismatch = client(cluster3, "cas", "cli-cas", "b", "--expected", "zzz")
-    assert mismatch.returncode == 2 and "version" in mismatch.stderr.decode()
+    assert mismatch.returncode == 3 and "value is not the expected one" in mismatch.stderr.decode()
     assert client(cluster3, "cas", "cli-cas", "b", "--expected", "a").returncode == 0
     assert client(cluster3, "get", "cli-cas").stdout == b"b"
     assert client(cluster3, "delete", "cli-cas").returncode == 0
@@ -79,9 +80,13 @@ def test_unreachable_endpoint_is_a_clear_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    started = time.monotonic()
     got = raftkv("client", "--endpoints", f"127.0.0.1:{port}", "--timeout", "1", "get", "k")
-    assert got.returncode == 2
-    assert "unavailable" in got.stderr.decode().lower()
+    # --timeout bounds the whole command (it took twice that, retries and refresh apart).
+    assert time.monotonic() - started < 5
+    assert got.returncode == 4
+    stderr = got.stderr.decode()
+    assert "unavailable" in stderr.lower() or "no answer within --timeout 1s" in stderr
     assert "Traceback" not in got.stderr.decode()
 
 
@@ -175,13 +180,16 @@ def _zombie(pid: int) -> bool:
 
 
 def test_serve_without_flags_runs_a_single_node_cluster(tmp_path: Path) -> None:
-    with socket.socket() as s:
+    # SO_REUSEADDR, as the node's own sockets: a port left in TIME_WAIT by an earlier run
+    # (scripts/demo) is free for the node, and must not make this test skip.
+    with socket.socket() as s, socket.socket() as r:
         try:
-            s.bind(("127.0.0.1", 7001))
-            with socket.socket() as r:
-                r.bind(("127.0.0.1", 7101))
+            for sock, port in ((s, 7001), (r, 7101)):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
         except OSError:
-            pytest.skip("ports 7001/7101 are busy on this machine")
+            pytest.skip("ports 7001/7101 are in use by a running process on this machine")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raftkv", "serve"],
         cwd=tmp_path,
@@ -225,3 +233,158 @@ def test_the_membership_demo_grows_shrinks_and_heals_without_losing_a_key(tmp_pa
     assert "every shard at 3 replicas: yes" in out
     assert "3000/3000 keys intact" in out
     assert "demo OK" in out
+
+
+# -- etcdctl-shaped CLI ----------------------------------------------------------------------
+
+
+def test_global_options_work_after_the_command_as_with_etcdctl(cluster3: LocalCluster) -> None:
+    eps = ",".join(cluster3.endpoints)
+    put = raftkv("client", "put", "after-k", "after-v", "--endpoints", eps)
+    assert put.returncode == 0, put.stderr
+    got = raftkv("client", "get", "after-k", "-w", "json", f"--endpoints={eps}")
+    assert got.returncode == 0, got.stderr
+    doc = json.loads(got.stdout)
+    assert doc["value"] == "after-v" and doc["version"] > 0
+    # -w simple is the bare value, as without -w
+    assert raftkv("client", "-e", eps, "get", "after-k", "-w", "simple").stdout == b"after-v"
+
+
+def test_exit_codes_tell_a_conflict_from_an_outage_from_a_typo(cluster3: LocalCluster) -> None:
+    assert client(cluster3, "put", "codes", "a").returncode == 0
+    assert client(cluster3, "cas", "codes", "b", "--expected-version", "1").returncode == 3
+    assert client(cluster3, "get", "codes-absent").returncode == 1
+    assert client(cluster3, "put", "k" * 5000, "v").returncode == 2
+    for bad in ("notahost", "127.0.0.1:abc", "a;b"):
+        started = time.monotonic()
+        out = raftkv("client", "-e", bad, "get", "k")
+        assert time.monotonic() - started < 10  # checked before dialling, not timed out
+        lines = out.stderr.decode().strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and "is not HOST:PORT" in lines[0]
+    help_text = raftkv("--help").stdout.decode()
+    assert "Exit codes" in help_text and "compare-and-swap conflict" in help_text
+
+
+def test_version_and_endpoint_health_and_status(cluster3: LocalCluster) -> None:
+    from raftkv import __version__
+
+    assert __version__ in raftkv("--version").stdout.decode()
+    assert raftkv("version").stdout.decode().startswith(f"raftkv {__version__}")
+    health = json.loads(client(cluster3, "endpoint", "health", "-w", "json").stdout)
+    assert {h["endpoint"] for h in health} == set(cluster3.endpoints)
+    assert all(h["healthy"] and h["took_ms"] > 0 for h in health)
+    one = raftkv(
+        "client", "-e", cluster3.endpoints[0], "endpoint", "status", "--cluster", "-w", "json"
+    )
+    status = json.loads(one.stdout)
+    assert sorted(s["node"] for s in status) == ["n1", "n2", "n3"]
+    assert all(s["version"] == __version__ and s["replicas"] == 9 for s in status)
+    assert sum(s["leads"] for s in status) == 9  # 8 shards and the meta group
+
+
+def test_endpoint_health_reports_a_dead_endpoint_and_exits_4(cluster3: LocalCluster) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    out = raftkv(
+        "client", "-e", f"{cluster3.endpoints[0]},{dead}", "--timeout", "3", "endpoint", "health"
+    )
+    assert out.returncode == 4
+    text = out.stdout.decode()
+    assert f"{cluster3.endpoints[0]} is healthy" in text and f"{dead} is unhealthy" in text
+
+
+def test_serve_validates_its_log_level() -> None:
+    out = raftkv("serve", "--log-level", "verbose")
+    assert out.returncode == 2
+    assert "verbose" in out.stderr.decode() and "Traceback" not in out.stderr.decode()
+
+
+def test_a_second_serve_on_a_live_data_dir_names_the_running_node(cluster3: LocalCluster) -> None:
+    n1 = cluster3.nodes["n1"]
+    log = n1.log_dir / "n1" / "raftkv.log"
+    before = log.read_bytes()
+    out = raftkv(*cluster3.command("n1")[3:])  # the same serve command line again
+    assert out.returncode == 4, out.stderr
+    line = out.stderr.decode().strip().splitlines()[-1]
+    assert f"node n1 (pid {n1.pid}) is running on it" in line, line
+    assert "port" not in line
+    assert log.read_bytes()[: len(before)] == before
+    assert b"is in use" not in log.read_bytes()
+
+
+def test_serve_logs_json_lines_with_its_effective_configuration(tmp_path: Path) -> None:
+    with LocalCluster.create(
+        tmp_path, nodes=1, shards=2, replicas=1, extra_args=("--log-format", "json")
+    ) as c:
+        c.start()
+        lines = (c.nodes["n1"].log_dir / "n1" / "raftkv.log").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "node", "logger", "msg"} <= set(d) for d in docs)
+    config = [d["msg"] for d in docs if d["msg"].startswith("effective configuration")]
+    assert len(config) == 1
+    assert "fsync on" in config[0] and "cluster secret not set" in config[0]
+
+
+def test_local_up_refuses_other_settings_in_its_dir_and_says_what_differs(tmp_path: Path) -> None:
+    (tmp_path / "cluster.toml").write_text(
+        'shards = 4\nreplicas = 1\n[nodes.n1]\ngrpc = "127.0.0.1:7001"\nraft = "127.0.0.1:7101"\n'
+    )
+    started = time.monotonic()
+    out = raftkv(
+        "local", "up", "--dir", str(tmp_path), "--nodes", "1", "--shards", "8", "--replicas", "1"
+    )
+    assert time.monotonic() - started < 15
+    line = out.stderr.decode().strip()
+    assert out.returncode == 2 and "shards 4, not 8" in line and "--fresh" in line, line
+    assert len(line.splitlines()) == 1
+
+
+def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> None:
+    port = 7600 + os.getpid() % 200
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raftkv",
+            "local",
+            "up",
+            "--dir",
+            str(tmp_path),
+            "--base-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("endpoints:"):
+                endpoints = line.split()[1]
+                break
+        else:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "")
+        pid_file = tmp_path / "data" / "n2" / "LOCK"
+        pid = int(pid_file.read_text().split("pid ")[1].rstrip(")\n"))
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: (
+                raftkv("client", "-e", endpoints, "--timeout", "5", "put", "still", "up").returncode
+                == 0
+            ),
+            30,
+            "the other two nodes to take a write",
+        )
+        assert proc.poll() is None  # local up is still running
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "node n2 exited (killed by signal 9); the other nodes keep running" in err, err
+    assert "Start it again with:" in err

@@ -147,7 +147,7 @@ def test_a_secure_cluster_grows_and_shrinks_with_tls_tokens_and_the_secret(tmp_p
             timeout=60,
             env={k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_TOKEN")},
         )
-        assert no_token.returncode == 2 and "not authenticated" in no_token.stderr
+        assert no_token.returncode == 6 and "not authenticated" in no_token.stderr
         out = admin(c, "member", "remove", "n4")
         assert out.returncode == 0, out.stderr
         wait_for(lambda: "n4" not in [n.id for n in c.status("n1").nodes], 120, "n4 to be removed")

@@ -237,7 +237,7 @@ def _serve_refuses(tmp_path: Path, toml: str, *extra: str) -> str:
         timeout=60,
         env={k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")},
     )
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 5, proc.stderr  # a configuration it must not run with
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]

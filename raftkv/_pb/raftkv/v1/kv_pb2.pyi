@@ -265,7 +265,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., replica_status: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint", "epoch", "moves", "meta", "stuck_moves", "forwarded_requests", "forward_batches", "via_leader_requests", "requests_handled")
+    __slots__ = ("nodes", "shards", "node", "shard_count", "vnodes", "cluster_fingerprint", "epoch", "moves", "meta", "stuck_moves", "forwarded_requests", "forward_batches", "via_leader_requests", "requests_handled", "version")
     NODES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,7 @@ class StatusResponse(_message.Message):
     FORWARD_BATCHES_FIELD_NUMBER: _ClassVar[int]
     VIA_LEADER_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_HANDLED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
     node: str
@@ -294,4 +295,5 @@ class StatusResponse(_message.Message):
     forward_batches: int
     via_leader_requests: int
     requests_handled: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ..., epoch: _Optional[int] = ..., moves: _Optional[_Iterable[str]] = ..., meta: _Optional[_Union[ShardStatus, _Mapping]] = ..., stuck_moves: _Optional[_Iterable[str]] = ..., forwarded_requests: _Optional[int] = ..., forward_batches: _Optional[int] = ..., via_leader_requests: _Optional[int] = ..., requests_handled: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., node: _Optional[str] = ..., shard_count: _Optional[int] = ..., vnodes: _Optional[int] = ..., cluster_fingerprint: _Optional[str] = ..., epoch: _Optional[int] = ..., moves: _Optional[_Iterable[str]] = ..., meta: _Optional[_Union[ShardStatus, _Mapping]] = ..., stuck_moves: _Optional[_Iterable[str]] = ..., forwarded_requests: _Optional[int] = ..., forward_batches: _Optional[int] = ..., via_leader_requests: _Optional[int] = ..., requests_handled: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
