@@ -501,7 +501,10 @@ def serve(
     except DataDirBusy as e:
         raise fail(str(e), Exit.UNAVAILABLE) from None
     except OSError as e:
-        message = f"cannot use the data dir {resolved_data_dir}: {e.strerror or e}"
+        message = (
+            f"the data dir {resolved_data_dir} is not writable: {e.strerror or e}; check its "
+            "permissions, its mount, and that the disk is healthy"
+        )
         raise fail(message, Exit.FILE) from None
     # gRPC's own C++ log repeats what we report (a port in use) and adds per-connection
     # noise (TLS handshakes of port scanners); GRPC_VERBOSITY=INFO brings it back.

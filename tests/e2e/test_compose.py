@@ -389,7 +389,7 @@ def test_dockerfile_is_conventional() -> None:
     assert owned and set(owned.group(1).split()) >= {"/certs", "/ca"}, "/certs, /ca not raftkv's"
     assert re.search(r'^ENTRYPOINT \["raftkv"\]$', text, re.M)
     assert re.search(r'^CMD \["serve"', text, re.M)
-    assert re.search(r"^EXPOSE 7001 7101$", text, re.M)
+    assert re.search(r"^EXPOSE 7001 7101 9101$", text, re.M)
 
 
 def test_scripts_are_executable_bash() -> None:

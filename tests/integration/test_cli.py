@@ -342,22 +342,15 @@ def test_local_up_refuses_other_settings_in_its_dir_and_says_what_differs(tmp_pa
 
 def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> None:
     port = 7600 + os.getpid() % 200
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "raftkv",
-            "local",
-            "up",
-            "--dir",
-            str(tmp_path),
-            "--base-port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    errors = tmp_path / "local-up.stderr"
+    with open(errors, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raftkv", "local", "up", "--dir", str(tmp_path / "c"),
+             "--base-port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )  # fmt: skip
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -365,10 +358,10 @@ def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> N
                 endpoints = line.split()[1]
                 break
         else:
-            raise AssertionError(proc.stderr.read() if proc.stderr else "")
-        pid_file = tmp_path / "data" / "n2" / "LOCK"
-        pid = int(pid_file.read_text().split("pid ")[1].rstrip(")\n"))
-        os.kill(pid, signal.SIGKILL)
+            raise AssertionError(errors.read_text())
+        lock = (tmp_path / "c" / "data" / "n2" / "LOCK").read_text()
+        os.kill(int(lock.split("pid ")[1].rstrip(")\n")), signal.SIGKILL)
+        wait_for(lambda: "node n2 exited" in errors.read_text(), 30, "local up to report the exit")
         wait_for(
             lambda: (
                 raftkv("client", "-e", endpoints, "--timeout", "5", "put", "still", "up").returncode
@@ -381,10 +374,11 @@ def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            _, err = proc.communicate(timeout=60)
+            proc.wait(60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    err = errors.read_text()
     assert "node n2 exited (killed by signal 9); the other nodes keep running" in err, err
     assert "Start it again with:" in err

@@ -54,11 +54,12 @@ def read_through(c: LocalCluster, node: str, keys: list[bytes]) -> dict[bytes, b
 
 
 def exits_with_message(c: LocalCluster, node: str, args: tuple[str, ...] = ()) -> str:
-    """Start ``node``; it must refuse to start (exit 2) with one line saying why."""
+    """Start ``node``; it must refuse to start (exit 5: unusable files) with one line saying
+    why."""
     c.start_node(node, wait=False, args=args)
     proc = c.nodes[node].process
     assert proc is not None
-    assert proc.wait(60) == 2
+    assert proc.wait(60) == 5
     out = (c.nodes[node].log_dir / f"{node}.stdout").read_text()
     assert "Traceback" not in out, out[-3000:]
     return out
