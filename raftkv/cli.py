@@ -767,8 +767,10 @@ def _read_value(value: str) -> bytes:
 
 @client_app.command()
 def put(
-    key: Annotated[str, typer.Argument(help="The key (UTF-8).")],
-    value: Annotated[str, typer.Argument(help="The value; '-' reads it from stdin.")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The key (UTF-8).")],
+    value: Annotated[
+        str, typer.Argument(metavar="VALUE", help="The value; '-' reads it from stdin.")
+    ],
 ) -> None:
     """Store VALUE under KEY. Prints the key's new version."""
     data = _read_value(value)
@@ -778,7 +780,7 @@ def put(
 
 @client_app.command()
 def get(
-    key: Annotated[str, typer.Argument(help="The key (UTF-8).")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The key (UTF-8).")],
     stale: Annotated[
         bool, typer.Option(help="Read any replica's local copy (may be stale; no quorum needed).")
     ] = False,
@@ -824,8 +826,10 @@ def delete(key: Annotated[str, typer.Argument(help="The key (UTF-8).")]) -> None
 
 @client_app.command()
 def cas(
-    key: Annotated[str, typer.Argument(help="The key (UTF-8).")],
-    value: Annotated[str, typer.Argument(help="The new value; '-' reads it from stdin.")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The key (UTF-8).")],
+    value: Annotated[
+        str, typer.Argument(metavar="VALUE", help="The new value; '-' reads it from stdin.")
+    ],
     expected: Annotated[
         str | None, typer.Option(help="Swap only if the current value equals this.")
     ] = None,
@@ -1228,7 +1232,7 @@ def member_list(
 
 @snapshot_app.command("save")
 def snapshot_save(
-    file: Annotated[Path, typer.Argument(help="Where to write the backup.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the backup.")],
     output: Annotated[
         Output | None,
         typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
@@ -1251,7 +1255,9 @@ def snapshot_save(
 
 @snapshot_app.command("status")
 def snapshot_status(
-    file: Annotated[Path, typer.Argument(help="A backup written by snapshot save.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A backup written by snapshot save.")
+    ],
     output: Annotated[
         Output | None,
         typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
@@ -1269,7 +1275,9 @@ def snapshot_status(
 
 @snapshot_app.command("restore")
 def snapshot_restore(
-    file: Annotated[Path, typer.Argument(help="A backup written by snapshot save.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A backup written by snapshot save.")
+    ],
     cluster: Annotated[
         Path,
         typer.Option(
@@ -1475,6 +1483,15 @@ def local_up(
             "holds one with other settings.",
         ),
     ] = False,
+    restore: Annotated[
+        Path | None,
+        typer.Option(
+            "--restore",
+            help="Start a new cluster from this backup (raftkv admin snapshot save): its "
+            "data dirs are made from it first. DIR must be new (or use --fresh).",
+            show_default=False,
+        ),
+    ] = None,
     restart: Annotated[
         bool,
         typer.Option(
@@ -1512,8 +1529,26 @@ def local_up(
                     + "): add --fresh to delete it and start a new one, or give another --dir",
                     Exit.USAGE,
                 )
+        if restore is not None:
+            from raftkv.backup import read_backup
+            from raftkv.backup import restore as restore_backup
+
+            if existing.exists():
+                raise fail(
+                    f"--restore makes a new cluster, but {directory} holds one: add --fresh "
+                    "to delete it, or give another --dir",
+                    Exit.USAGE,
+                )
+            backup = read_backup(restore)
+            restored = restore_backup(
+                backup, config, {n.id: directory / "data" / n.id for n in config.nodes}
+            )
+            typer.echo(
+                f"restored {sum(len(p) for p in backup.shards.values()):,} keys from {restore} "
+                f"into {len(restored)} new data dirs under {directory / 'data'}"
+            )
         cluster = LocalCluster(config, directory, secure=secure, extra_args=tuple(serve_arg or ()))
-    except (ConfigError, certs.CertError, OSError) as e:
+    except (ConfigError, certs.CertError, OSError, RaftKVError) as e:
         raise fail(str(e), exit_code_for(e)) from None
     stop = False
 
@@ -1679,7 +1714,9 @@ def certs_init(
 
 @certs_app.command("node")
 def certs_node(
-    node_id: Annotated[str, typer.Argument(help="The node id (as in the cluster file).")],
+    node_id: Annotated[
+        str, typer.Argument(metavar="NODE_ID", help="The node id (as in the cluster file).")
+    ],
     hosts: Annotated[
         str,
         typer.Option(help="Comma-separated host names and IPs the node is reached at."),
@@ -1704,7 +1741,9 @@ def certs_node(
 
 @certs_app.command("client")
 def certs_client(
-    name: Annotated[str, typer.Argument(help="The client's name (the certificate's CN).")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The client's name (the certificate's CN).")
+    ],
     directory: _DirOption = Path("certs"),
     overwrite: _OverwriteOption = False,
 ) -> None:
@@ -1779,7 +1818,7 @@ def auth_mint(
 
 @auth_app.command("secret")
 def auth_secret(
-    path: Annotated[Path, typer.Argument(help="File to write (mode 0600).")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="File to write (mode 0600).")],
     overwrite: _OverwriteOption = False,
 ) -> None:
     """Write a new random cluster secret to PATH (for serve --secret-file)."""

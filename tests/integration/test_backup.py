@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -161,3 +163,41 @@ def test_restore_never_writes_over_an_existing_data_dir(
     )  # fmt: skip
     assert out.returncode == 5 and "is not empty" in out.stderr, out.stderr
     assert sorted(p.name for p in (tmp_path / "dirs").iterdir()) == ["n1"]
+
+
+def test_local_up_restore_starts_a_new_local_cluster_from_a_backup(
+    cluster3: LocalCluster, tmp_path: Path
+) -> None:
+    eps = ",".join(cluster3.endpoints)
+    assert raftkv("client", "-e", eps, "put", "restore-me", "still here").returncode == 0
+    file = tmp_path / "for-local.backup"
+    assert raftkv("admin", "-e", eps, "snapshot", "save", str(file)).returncode == 0
+    port = 7400 + os.getpid() % 150
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raftkv", "local", "up", "--dir", str(tmp_path / "new"),
+         "--base-port", str(port), "--restore", str(file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("endpoints:"):
+                endpoints = line.split()[1]
+                break
+        else:
+            raise AssertionError("".join(lines) + (proc.stderr.read() if proc.stderr else ""))
+        assert any(line.startswith("restored ") for line in lines), lines
+        got = raftkv("client", "-e", endpoints, "get", "restore-me")
+        assert got.returncode == 0 and got.stdout == "still here", got.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
