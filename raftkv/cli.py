@@ -1475,6 +1475,13 @@ def local_up(
             "--serve-arg=--read-path=log-barrier or --serve-arg=--unsafe-no-fsync.",
         ),
     ] = None,
+    metrics_base_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve each node's Prometheus metrics on 127.0.0.1:PORT+i (node i from 0).",
+            show_default=False,
+        ),
+    ] = None,
     fresh: Annotated[
         bool,
         typer.Option(
@@ -1547,7 +1554,21 @@ def local_up(
                 f"restored {sum(len(p) for p in backup.shards.values()):,} keys from {restore} "
                 f"into {len(restored)} new data dirs under {directory / 'data'}"
             )
-        cluster = LocalCluster(config, directory, secure=secure, extra_args=tuple(serve_arg or ()))
+        metrics: dict[str, tuple[str, ...]] = (
+            {
+                n.id: ("--metrics-addr", f"127.0.0.1:{metrics_base_port + i}")
+                for i, n in enumerate(config.nodes)
+            }
+            if metrics_base_port is not None
+            else {}
+        )
+        cluster = LocalCluster(
+            config,
+            directory,
+            secure=secure,
+            extra_args=tuple(serve_arg or ()),
+            node_args=metrics,
+        )
     except (ConfigError, certs.CertError, OSError, RaftKVError) as e:
         raise fail(str(e), exit_code_for(e)) from None
     stop = False
@@ -1571,6 +1592,8 @@ def local_up(
         typer.echo(f"cluster file: {cluster.cluster_file}")
         typer.echo(f"endpoints:    {','.join(cluster.endpoints)}")
         typer.echo(f"logs:         {directory / 'logs'}/<node>/raftkv.log")
+        for node_id, flag in metrics.items():
+            typer.echo(f"metrics:      {node_id}: http://{flag[-1]}/metrics")
         if cluster.credentials is not None:
             env = " ".join(f"{k}={v}" for k, v in cluster.credentials.client_env().items())
             typer.echo(f"credentials:  {cluster.credentials.directory}")

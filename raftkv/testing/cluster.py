@@ -125,11 +125,15 @@ class LocalCluster:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         secure: bool = False,
+        node_args: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
+        """``extra_args`` go to every node's ``serve``; ``node_args`` to one node's, by id
+        (its own metrics port, say), at every start."""
         self.config = config
         self.base_dir = Path(base_dir)
         self.cluster_file = self.base_dir / "cluster.toml"
         self.extra_args = extra_args
+        self.node_args = dict(node_args or {})
         self.env = env
         self.credentials: Credentials | None = None
         self.dialer = Dialer()
@@ -235,6 +239,7 @@ class LocalCluster:
             str(n.log_dir),
             *(self.credentials.serve_args(node_id) if self.credentials else ()),
             *self.extra_args,
+            *self.node_args.get(node_id, ()),
             *args,
         ]
 

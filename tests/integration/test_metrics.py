@@ -61,12 +61,9 @@ def wait_for(check: object, what: str, timeout: float = 20.0) -> None:
 def metered(tmp_path: Path) -> Iterator[tuple[LocalCluster, dict[str, str]]]:
     cluster = LocalCluster.create(tmp_path)
     addrs = {n: f"127.0.0.1:{free_port()}" for n in cluster.nodes}
+    cluster.node_args = {n: ("--metrics-addr", addr) for n, addr in addrs.items()}
     with cluster:
-        cluster.base_dir.mkdir(parents=True, exist_ok=True)
-        cluster.cluster_file.write_text(cluster.config.to_toml())
-        for node_id, addr in addrs.items():
-            cluster.start_node(node_id, wait=False, args=("--metrics-addr", addr))
-        cluster.wait_healthy(30)
+        cluster.start()
         yield cluster, addrs
 
 
