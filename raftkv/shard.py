@@ -114,8 +114,7 @@ class ShardReplica:
         self._storage = storage
         self.machine = StateMachine()
         tuning = driver.tuning
-        self._journal = storage.journal
-        journal = storage.journal
+        self._journal = journal = storage.journal
         if journal.existed or storage.snapshot is not None:
             # A restart: say what it starts from, so the log shows the replay and catch-up.
             snap = storage.snapshot
@@ -460,7 +459,8 @@ class ShardReplica:
             )
         if leader_id != self._last_leader:
             self._last_leader = leader_id
-            self._leader_changes += 1
+            if leader_id:  # as etcd counts: a new leader seen, not the moments without one
+                self._leader_changes += 1
             log.info(
                 "%s: leader is now %s (term %d)",
                 self._name,
