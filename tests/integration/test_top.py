@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from raftkv.testing.cluster import LocalCluster
+from raftkv.testing.cluster import LocalCluster, wait_for
 
 
 def top(cluster: LocalCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -55,15 +55,31 @@ def test_top_shows_every_node_and_shard_and_then_a_killed_node(
         time.sleep(0.5)
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a non-interactive shell (a CI runner, nohup) inherits
+    # SIGINT ignored, and so would top: give it the disposition a terminal user's process has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_top_exits_cleanly_on_ctrl_c(cluster3: LocalCluster) -> None:
+    start = cluster3.status("n1").requests_handled
     proc = subprocess.Popen(
         [sys.executable, "-m", "raftkv", "top", "-e", ",".join(cluster3.endpoints)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     try:
-        time.sleep(3)  # several refreshes; nothing to wait for that the view would expose
+        polls = 0
+
+        def sampled_a_few_times() -> bool:
+            # top asks every node for its Status once a refresh; our own probe counts one too
+            nonlocal polls
+            polls += 1
+            return cluster3.status("n1").requests_handled - start - polls >= 3
+
+        wait_for(sampled_a_few_times, 30, "top to refresh its view a few times", interval=0.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     finally:

@@ -341,7 +341,13 @@ def test_ctrl_c_during_a_command_abandons_only_that_command(fake: FakeClient) ->
         raise AssertionError("not interrupted")
 
     fake.status = slow_status  # type: ignore[method-assign]
-    code, lines = run("status\nput a 1\n")
+    # A background job of a non-interactive shell (a CI runner) starts with SIGINT ignored;
+    # a terminal user's shell has Python's handler, which is what this test is about.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, lines = run("status\nput a 1\n")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 0
     assert lines[0].startswith("error: interrupted")
     assert lines[1] == "OK version=1"
