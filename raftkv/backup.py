@@ -20,7 +20,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,78 +66,101 @@ class Backup:
     shards: dict[int, dict[bytes, Entry]]
 
 
-def write_backup(path: Path, manifest: bpb.BackupManifest, copies: Iterable[ShardCopy]) -> None:
-    """Write ``copies`` and ``manifest`` (shards and checksum filled in here) to ``path``,
-    atomically: a temporary file, fsynced, then renamed."""
-    tmp = path.with_name(path.name + ".partial")
-    body = hashlib.sha256()
-    del manifest.shards[:]
-    with open(tmp, "wb") as f:
+class BackupWriter:
+    """Writes a backup file one shard at a time, so a save holds one shard's copy in memory,
+    never the whole data set. It writes to ``FILE.partial``; :meth:`finish` fsyncs and renames
+    it, :meth:`abort` removes it (a failed or interrupted save leaves nothing behind)."""
 
-        def record(rec: bpb.BackupRecord, hashed: bool = True) -> None:
-            data = rec.SerializeToString()
-            chunk = _LENGTH.pack(len(data)) + data
-            if hashed:
-                body.update(chunk)
-            f.write(chunk)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(path.name + ".partial")
+        self._body = hashlib.sha256(MAGIC)
+        self._listed: list[bpb.BackupShard] = []
+        self._f: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by finish or abort
+        self._f.write(MAGIC)
 
-        f.write(MAGIC)
-        body.update(MAGIC)
-        for copy in copies:
-            items = sorted(copy.data.items())
-            for start in range(0, max(1, len(items)), ENTRIES_PER_PART):
-                part = bpb.BackupShardPart(shard_id=copy.shard_id)
-                part.entries.extend(
-                    pb.SnapshotEntry(key=k, value=e.value, version=e.version)
-                    for k, e in items[start : start + ENTRIES_PER_PART]
-                )
-                record(bpb.BackupRecord(part=part))
-            manifest.shards.add(
+    def _record(self, rec: bpb.BackupRecord, hashed: bool = True) -> None:
+        data = rec.SerializeToString()
+        chunk = _LENGTH.pack(len(data)) + data
+        if hashed:
+            self._body.update(chunk)
+        self._f.write(chunk)
+
+    def add(self, copy: ShardCopy) -> None:
+        items = sorted(copy.data.items())
+        for start in range(0, max(1, len(items)), ENTRIES_PER_PART):
+            part = bpb.BackupShardPart(shard_id=copy.shard_id)
+            part.entries.extend(
+                pb.SnapshotEntry(key=k, value=e.value, version=e.version)
+                for k, e in items[start : start + ENTRIES_PER_PART]
+            )
+            self._record(bpb.BackupRecord(part=part))
+        self._listed.append(
+            bpb.BackupShard(
                 shard_id=copy.shard_id,
                 read_index=copy.read_index,
                 applied_index=copy.applied_index,
                 keys=len(copy.data),
                 digest=digest_of(copy.data),
             )
+        )
+
+    def finish(self, manifest: bpb.BackupManifest) -> None:
+        """Append ``manifest`` (its shards and checksum filled in here), make the file
+        durable, and move it into place atomically."""
+        del manifest.shards[:]
+        manifest.shards.extend(self._listed)
         manifest.format = FORMAT
-        manifest.body_sha256 = body.digest()
-        record(bpb.BackupRecord(manifest=manifest), hashed=False)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
+        manifest.body_sha256 = self._body.digest()
+        self._record(bpb.BackupRecord(manifest=manifest), hashed=False)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._tmp.replace(self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 async def save(client: Client, path: Path) -> bpb.BackupManifest:
     """Copy every shard through ``client`` (each at a linearizable read index taken after
-    this call began) and write the backup file; returns its manifest."""
+    this call began) and write the backup file; returns its manifest. Shards are fetched and
+    written one at a time; on any failure no file (and no ``.partial``) is left."""
     started_ms = int(time.time() * 1000)
     status = await client.status()
-    copies = []
-    for shard in range(status.shard_count):
-        chunks = await client.snapshot_shard(shard)
-        data = {e.key: Entry(e.value, e.version) for c in chunks for e in c.entries}
-        last = chunks[-1] if chunks else None
-        if (
-            last is None
-            or not last.done
-            or last.keys != len(data)
-            or digest_of(data) != last.digest
-        ):
-            raise BackupError(
-                f"shard {shard}: the copy received does not match the digest its node sent; "
-                "nothing was written (run the save again)"
-            )
-        copies.append(ShardCopy(shard, last.read_index, last.applied_index, data))
-    manifest = bpb.BackupManifest(
-        cluster_fingerprint=status.cluster_fingerprint,
-        epoch=status.epoch,
-        shard_count=status.shard_count,
-        vnodes=status.vnodes,
-        started_unix_ms=started_ms,
-        raftkv_version=__version__,
-    )
-    await asyncio.to_thread(write_backup, path, manifest, copies)
+    writer = await asyncio.to_thread(BackupWriter, path)
+    try:
+        for shard in range(status.shard_count):
+            chunks = await client.snapshot_shard(shard)
+            data = {e.key: Entry(e.value, e.version) for c in chunks for e in c.entries}
+            last = chunks[-1] if chunks else None
+            if (
+                last is None
+                or not last.done
+                or last.keys != len(data)
+                or digest_of(data) != last.digest
+            ):
+                raise BackupError(
+                    f"shard {shard}: the copy received does not match the digest its node "
+                    "sent; nothing was written (run the save again)"
+                )
+            del chunks
+            copy = ShardCopy(shard, last.read_index, last.applied_index, data)
+            await asyncio.to_thread(writer.add, copy)
+        manifest = bpb.BackupManifest(
+            cluster_fingerprint=status.cluster_fingerprint,
+            epoch=status.epoch,
+            shard_count=status.shard_count,
+            vnodes=status.vnodes,
+            started_unix_ms=started_ms,
+            raftkv_version=__version__,
+        )
+        await asyncio.to_thread(writer.finish, manifest)
+    except BaseException:
+        writer.abort()
+        raise
     return manifest
 
 
