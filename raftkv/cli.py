@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from raftkv._pb.raftkv.v1 import kv_pb2 as kv
 from raftkv.auth import Authenticator
@@ -61,6 +62,19 @@ from raftkv.logs import LogFormat, LogLevel
 from raftkv.logs import configure as configure_logging
 from raftkv.network import ClientTLS
 from raftkv.view import META_SHARD, ClusterView
+
+
+def _usage_name(self: Any) -> str:
+    # typer (0.29 here) shows a required argument as ``{KEY}`` in usage lines, a mark no other
+    # tool uses; write it as click, etcdctl's docs and man pages do: KEY, and [KEY] if optional.
+    name = str(self.display_name_raw)
+    if not self.required:
+        name = f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 key not found; 2 bad flags, arguments or input; "

@@ -107,6 +107,12 @@ def test_every_command_has_help() -> None:
         assert len(got.stdout.decode().strip().splitlines()) > 3, args
 
 
+def test_usage_lines_name_arguments_plainly() -> None:
+    # typer's own rendering is "put [OPTIONS] {KEY} {VALUE}"
+    usage = raftkv("client", "put", "--help").stdout.decode()
+    assert "raftkv client put [OPTIONS] KEY VALUE" in usage, usage
+
+
 def _free_block(n: int) -> int:
     for base in range(21000, 29000, 250):
         ports = [base + i for i in range(n)] + [base + 100 + i for i in range(n)]
