@@ -19,6 +19,7 @@
 # (RAFTKV_CACERT, RAFTKV_TOKEN_FILE; see compose.yaml).
 #
 # Usage: scripts/failover-demo.sh [N]     (N keys, default 100; or RAFTKV_DEMO_KEYS)
+# DEMO_BACKUP_OUT=PATH also copies the backup it takes out of the cluster, to PATH.
 # Needs a Docker engine with compose v2 and the image raftkv:local (see compose.yaml).
 # Exits non-zero if any check fails. Every wait is bounded by a deadline.
 set -euo pipefail
@@ -294,6 +295,14 @@ if compose exec -T n1 raftkv admin -e "$ENDPOINTS" snapshot save /data/demo.back
   ok "the backup holds every key written so far, and its checksums verify"
 else
   fail "snapshot save or status failed on the secure cluster"
+fi
+if [ -n "${DEMO_BACKUP_OUT:-}" ]; then
+  # for scripts/compose-e2e, which restores it into a local cluster on the host
+  if compose cp n1:/data/demo.backup "$DEMO_BACKUP_OUT" >/dev/null; then
+    ok "the backup copied out of n1 to $DEMO_BACKUP_OUT"
+  else
+    fail "docker compose cp n1:/data/demo.backup failed"
+  fi
 fi
 
 read -r VICTIM LED < <(status_json n1 | status_fact busiest)

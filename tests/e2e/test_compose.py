@@ -81,6 +81,17 @@ def test_compose_failover_end_to_end() -> None:
     assert re.search(r"^OK: all (\d+) keys intact across the whole story$", out, re.M), tail
     assert not re.search(r"^FAIL: ", out, re.M), tail
 
+    # What an operator sees and keeps: metrics, top, a backup that restores elsewhere.
+    assert re.search(rf"^│ {victim} +│ NO +│", out, re.M), f"no top frame with {victim} down"
+    for step in (
+        r"one leader per shard, and the leaders hold the \d+ keys, as scraped from /metrics",
+        r"the backup holds every key written so far, and its checksums verify",
+        r"the backup copied out of n1 to .*demo\.backup",
+        r"the backup restored into a new local cluster serves all \d+ keys, with their values "
+        r"and versions, and nothing else",
+    ):
+        assert re.search(rf"^OK: {step}$", out, re.M), f"missing step {step!r}:\n{tail}"
+
     # Replacing a node lost for good (scripts/replace-demo.sh), each step.
     assert "REPLACE DEMO PASSED" in out, tail
     for step in (
