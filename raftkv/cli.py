@@ -58,7 +58,7 @@ from raftkv.errors import (
     Unavailable,
 )
 from raftkv.lockfile import DataDirBusy, lock_data_dir
-from raftkv.logs import LogFormat, LogLevel
+from raftkv.logs import FILE_ONLY, LogFormat, LogLevel
 from raftkv.logs import configure as configure_logging
 from raftkv.network import ClientTLS
 from raftkv.view import META_SHARD, ClusterView
@@ -562,7 +562,7 @@ def serve(
     try:
         uvloop.run(main())
     except (RaftKVError, RaftBindError, ConfigError) as e:
-        log.error("%s", e)
+        log.error("%s", e, extra={FILE_ONLY: True})  # stderr gets it as the error: line
         raise fail(str(e), exit_code_for(e)) from None
 
 
@@ -653,9 +653,9 @@ class Output(StrEnum):
     simple = "simple"
 
 
-def _write_out(per_command: Output | None, default: Output = Output.table) -> Output:
-    """The output format: the command's -o, else the global -w/--write-out, else its own."""
-    chosen = per_command or _client_opts.get("write_out")
+def _write_out(default: Output = Output.table) -> Output:
+    """The output format: -w/--write-out (or -o/--output) if given, else the command's own."""
+    chosen = _client_opts.get("write_out")
     return chosen if chosen is not None else default
 
 
@@ -707,9 +707,12 @@ def client_main(
         typer.Option(
             "--write-out",
             "-w",
+            "--output",
+            "-o",
             envvar="RAFTKV_WRITE_OUT",
             help="Output format of every command: table, json or simple (one fact per "
-            "line). [default: each command's own; get prints the bare value]",
+            "line); -o/--output is the same flag. [default: each command's own; get prints "
+            "the bare value]",
             show_default=False,
         ),
     ] = None,
@@ -729,6 +732,8 @@ def client_main(
 
 
 def _run(coro_fn: Any) -> Any:
+    opened: list[Client] = []
+
     async def main() -> Any:
         async with Client(
             _client_opts.get("endpoints", DEFAULT_ENDPOINT),
@@ -737,6 +742,7 @@ def _run(coro_fn: Any) -> Any:
             tls=_client_opts.get("tls"),
             token=_client_opts.get("token"),
         ) as c:
+            opened.append(c)
             return await coro_fn(c)
 
     timeout = _client_opts.get("timeout", 10.0)
@@ -745,17 +751,21 @@ def _run(coro_fn: Any) -> Any:
         # --timeout bounds the whole command, retries and view refreshes included.
         return asyncio.run(asyncio.wait_for(main(), timeout))
     except TimeoutError:
+        last = opened[0].last_error if opened else None
+        why = (
+            f"the last attempt failed: {last}{_tls_hint(str(last))}"
+            if last
+            else "is the cluster running and reachable from here?"
+        )
         raise fail(
-            f"no answer within --timeout {timeout:g}s from {endpoints}: is the cluster "
-            "running and reachable from here?",
-            Exit.UNAVAILABLE,
+            f"no answer within --timeout {timeout:g}s from {endpoints}; {why}", Exit.UNAVAILABLE
         ) from None
     except Unavailable as e:
         hint = f" (leader hint: {e.leader} at {e.leader_endpoint})" if e.leader else ""
         message = f"unavailable: {e}{hint}{_tls_hint(str(e))}"
         raise fail(message, Exit.UNAVAILABLE) from None
     except Unauthenticated as e:
-        raise fail(f"not authenticated: {e} (pass --token or --token-file)", Exit.AUTH) from None
+        raise fail(f"not authenticated: {e}", Exit.AUTH) from None
     except PermissionDenied as e:
         raise fail(f"permission denied: {e}", Exit.AUTH) from None
     except (RaftKVError, ValueError, ConfigError, OSError) as e:
@@ -805,7 +815,7 @@ def get(
     -w table a KEY/VERSION/VALUE table.
     """
     result = _run(lambda c: c.get(key.encode(), stale=stale))
-    fmt = _write_out(None, Output.simple)
+    fmt = _write_out(Output.simple)
     if fmt == Output.json:
         try:
             text: str | None = result.value.decode()
@@ -868,7 +878,7 @@ def cas(
 
 def _echo_write(doc: dict[str, Any], line: str) -> None:
     """A write's outcome: ``doc`` with -w json, else ``line``."""
-    typer.echo(json.dumps(doc) if _write_out(None) == Output.json else line)
+    typer.echo(json.dumps(doc) if _write_out() == Output.json else line)
 
 
 def status_dict(s: kv.StatusResponse) -> dict[str, Any]:
@@ -954,15 +964,10 @@ def render_status(s: kv.StatusResponse) -> str:
 
 
 @client_app.command()
-def status(
-    output: Annotated[
-        Output | None,
-        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
-    ] = None,
-) -> None:
+def status() -> None:
     """Show the nodes and, per shard: replicas, leader, term and commit index."""
     s = _run(lambda c: c.status())
-    fmt = _write_out(output)
+    fmt = _write_out()
     if fmt == Output.json:
         typer.echo(json.dumps(status_dict(s), indent=2))
     elif fmt == Output.simple:
@@ -1061,7 +1066,7 @@ def endpoint_health(
     from raftkv.endpoints import check_health
 
     results = _run(lambda c: check_health(c, cluster))
-    fmt = _write_out(None, Output.simple)
+    fmt = _write_out(Output.simple)
     if fmt == Output.json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     elif fmt == Output.table:
@@ -1091,7 +1096,7 @@ def endpoint_status(
     from raftkv.endpoints import check_status
 
     results = _run(lambda c: check_status(c, cluster))
-    fmt = _write_out(None)
+    fmt = _write_out()
     if fmt == Output.json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
@@ -1119,6 +1124,8 @@ def endpoint_status(
 
 # -- top ------------------------------------------------------------------------------------
 
+TOP_LOG_WIDTH = 160  # wide enough for every column of a frame written to a pipe or file
+
 
 def _top(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0,
@@ -1143,6 +1150,12 @@ def _top(
     from raftkv.top import Sampler, run
 
     client_main(**options)
+    if _write_out() != Output.table:
+        raise fail(
+            "top draws tables only; for the same facts as JSON use "
+            "`raftkv client status -w json` or `raftkv client endpoint status -w json`",
+            Exit.USAGE,
+        )
     try:
         endpoints = parse_endpoints(_client_opts["endpoints"])
     except ValueError as e:
@@ -1153,9 +1166,13 @@ def _top(
         timeout=min(_client_opts["timeout"], max(1.0, interval * 2)),
     )
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # A pipe or a log file: rich would cut the tables to 80 columns.
+        console = Console(width=TOP_LOG_WIDTH)
     try:
         if iterations is not None:
-            asyncio.run(run(sampler, interval, iterations, console.print))
+            if not asyncio.run(run(sampler, interval, iterations, console.print)):
+                raise fail("no node answered (see the last view above)", Exit.UNAVAILABLE)
             return
         with Live(console=console, auto_refresh=False, screen=console.is_terminal) as live:
 
@@ -1222,12 +1239,7 @@ def render_members(s: kv.StatusResponse) -> str:
 
 
 @member_app.command("list")
-def member_list(
-    output: Annotated[
-        Output | None,
-        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
-    ] = None,
-) -> None:
+def member_list() -> None:
     """The nodes: id, addresses, state, reachable, replica count, meta group member."""
 
     async def current_status(c: Client) -> kv.StatusResponse:
@@ -1237,7 +1249,7 @@ def member_list(
         return await c.status()
 
     s = _run(current_status)
-    if _write_out(output) == Output.json:
+    if _write_out() == Output.json:
         doc = {"epoch": s.epoch, "members": members_dict(s), "moves": list(s.moves)}
         typer.echo(json.dumps(doc, indent=2))
     else:
@@ -1247,10 +1259,6 @@ def member_list(
 @snapshot_app.command("save")
 def snapshot_save(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the backup.")],
-    output: Annotated[
-        Output | None,
-        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
-    ] = None,
 ) -> None:
     """Save a point-in-time copy of every shard to FILE (admin role).
 
@@ -1264,7 +1272,7 @@ def snapshot_save(
     if file.is_dir():
         raise fail(f"{file} is a directory: give the path of the file to write")
     manifest = _run(lambda c: save(c, file))
-    _print_manifest(manifest, file, _write_out(output))
+    _print_manifest(manifest, file, _write_out())
 
 
 @snapshot_app.command("status")
@@ -1272,10 +1280,6 @@ def snapshot_status(
     file: Annotated[
         Path, typer.Argument(metavar="FILE", help="A backup written by snapshot save.")
     ],
-    output: Annotated[
-        Output | None,
-        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
-    ] = None,
 ) -> None:
     """Check a backup (every byte, every shard's digest) and show its manifest."""
     from raftkv.backup import BackupError, read_backup
@@ -1284,7 +1288,7 @@ def snapshot_status(
         backup = read_backup(file)
     except BackupError as e:
         raise fail(str(e), exit_code_for(e)) from None
-    _print_manifest(backup.manifest, file, _write_out(output))
+    _print_manifest(backup.manifest, file, _write_out())
 
 
 @snapshot_app.command("restore")
@@ -1362,7 +1366,7 @@ def _print_manifest(manifest: Any, file: Path, output: Output) -> None:
     ]
     total = sum(s["keys"] for s in shards)
     size = file.stat().st_size
-    if _write_out(output) == Output.json:
+    if _write_out() == Output.json:
         doc = {
             "file": str(file),
             "bytes": size,
@@ -1432,10 +1436,6 @@ def rebalance(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only print the plan; change nothing.")
     ] = False,
-    output: Annotated[
-        Output | None,
-        typer.Option("--output", "-o", help="table, json or simple (as -w).", show_default=False),
-    ] = None,
 ) -> None:
     """Spread the replicas evenly over the active nodes, moving as few as possible."""
     reply = _run(lambda c: c.rebalance(dry_run=dry_run))
@@ -1447,7 +1447,7 @@ def rebalance(
         }
         for m in reply.moves
     ]
-    if _write_out(output) == Output.json:
+    if _write_out() == Output.json:
         typer.echo(json.dumps({"epoch": reply.view.epoch, "moves": moves}, indent=2))
         return
     verb = "would move" if dry_run else "moving"
@@ -1492,7 +1492,7 @@ def local_up(
     metrics_base_port: Annotated[
         int | None,
         typer.Option(
-            help="Serve each node's Prometheus metrics on 127.0.0.1:PORT+i (node i from 0).",
+            help="Serve each node's Prometheus metrics: n1 on 127.0.0.1:PORT, n2 on PORT+1, ...",
             show_default=False,
         ),
     ] = None,
@@ -1558,7 +1558,7 @@ def local_up(
                 raise fail(
                     f"--restore makes a new cluster, but {directory} holds one: add --fresh "
                     "to delete it, or give another --dir",
-                    Exit.USAGE,
+                    Exit.FILE,  # as `snapshot restore` into an occupied data dir
                 )
             backup = read_backup(restore)
             restored = restore_backup(
@@ -1605,6 +1605,7 @@ def local_up(
             ) from None
         typer.echo(f"cluster file: {cluster.cluster_file}")
         typer.echo(f"endpoints:    {','.join(cluster.endpoints)}")
+        typer.echo("pids:         " + " ".join(f"{n.id}={n.pid}" for n in cluster.nodes.values()))
         typer.echo(f"logs:         {directory / 'logs'}/<node>/raftkv.log")
         for node_id, flag in metrics.items():
             typer.echo(f"metrics:      {node_id}: http://{flag[-1]}/metrics")
@@ -1632,13 +1633,16 @@ def local_up(
                             + (
                                 "Restarting it in 2 s."
                                 if restart
-                                else "Start it again with: " + " ".join(cluster.command(n.id))
+                                else "To start it now by hand (stop it yourself then: Ctrl-C "
+                                "here does not reach it): "
+                                + " ".join(cluster.command(n.id))
+                                + " ; `raftkv local up --restart` restarts nodes that exit"
                             ),
                             err=True,
                         )
                     elif restart and now - down[n.id] >= 2.0:
-                        typer.echo(f"restarting node {n.id}", err=True)
                         cluster.start_node(n.id, wait=False)
+                        typer.echo(f"restarted node {n.id} (pid {n.pid})", err=True)
                 if len(down) == len(cluster.nodes) and not restart:
                     typer.echo("every node has exited", err=True)
                     stop = True
@@ -2064,6 +2068,8 @@ _GROUP_OPTIONS = {
     "--token-file": True,
     "--write-out": True,
     "-w": True,
+    "--output": True,
+    "-o": True,
 }
 
 

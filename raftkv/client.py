@@ -125,6 +125,9 @@ class Client:
         self._leaders: dict[int, str] = {}  # shard → leader gRPC endpoint
         # The newest cluster view epoch seen in a reply; a newer one makes us refresh.
         self.epoch = 0
+        # The newest retryable failure: what a caller whose own deadline passed first can
+        # report instead of a bare timeout (a TLS node closing a plaintext connection, say).
+        self.last_error: RaftKVError | None = None
         self._view_stale = False
         self._next = random.randrange(len(self.endpoints))
         # Concurrent puts and gets share bulk RPCs (see raftkv.batcher); off: one RPC each.
@@ -230,6 +233,7 @@ class Client:
                 if isinstance(err, Unavailable) and err.epoch > self.epoch:
                     self.epoch, self._view_stale = err.epoch, True
                 self._follow_hint(shard, hint, endpoint)
+                self.last_error = err
             await backoff.wait(err)
 
     def _remember(self, header: kv.ResponseHeader) -> None:
@@ -480,6 +484,7 @@ class Client:
             if not pending:
                 return
             last = next((o for o in outcomes if o is not None), None)
+            self.last_error = last or self.last_error
             await backoff.wait(last or Unavailable("bulk request did not complete in time"))
 
     async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[int]:

@@ -105,16 +105,18 @@ async def _status(client: Client, endpoint: str) -> EndpointStatus:
         )
     except grpc.aio.AioRpcError as e:
         return EndpointStatus(endpoint, _ms(started), error=_describe(e))
-    replicas = [r for group in [*reply.shards, reply.meta] for r in group.replica_status]
-    mine = [r for r in replicas if r.node == reply.node]
+    # Leaderships and replicas count data shards, as `client status`, `top` and `member list`
+    # do; the meta group's replica still counts for the applied index, term and problems.
+    data = [r for s in reply.shards for r in s.replica_status if r.node == reply.node]
+    mine = [*data, *(r for r in reply.meta.replica_status if r.node == reply.node)]
     problems = "; ".join(sorted({r.problem for r in mine if r.problem}))
     return EndpointStatus(
         endpoint,
         _ms(started),
         node=reply.node,
         version=reply.version,
-        leads=sum(1 for r in mine if r.role == "leader"),
-        replicas=len(mine),
+        leads=sum(1 for r in data if r.role == "leader"),
+        replicas=len(data),
         applied=sum(r.last_applied for r in mine),
         term=max((r.term for r in mine), default=0),
         error=problems,

@@ -49,6 +49,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+# ``extra={FILE_ONLY: True}``: a record for the log file only, because the same words also
+# reach the terminal another way (the one-line ``error:`` a failed start-up prints).
+FILE_ONLY = "raftkv_file_only"
+
+
 def configure(
     node_id: str,
     log_dir: Path,
@@ -74,6 +79,7 @@ def configure(
         path, maxBytes=max_bytes, backupCount=backups
     )
     stream = logging.StreamHandler(sys.stderr)
+    stream.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     for h in (file_handler, stream):
         h.setFormatter(formatter)
         root.addHandler(h)

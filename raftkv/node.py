@@ -181,7 +181,8 @@ class Node:
                 f"{self.view.cluster_id}, but the cluster file is for "
                 f"{self._bootstrap.cluster_id}; "
                 "the cluster file only bootstraps a cluster: keep it as it was, or omit "
-                "--cluster (the node remembers its view)"
+                "--cluster (the node remembers its view); to start another cluster, give "
+                "it another --data-dir (or delete this one: its data is lost)"
             )
         if view is not None and view.cluster_id != self.view.cluster_id:
             raise ClusterMismatch(

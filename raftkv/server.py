@@ -252,7 +252,7 @@ class Guard:
         if not token:
             raise Unauthenticated(
                 f"{method} needs a bearer token (metadata 'authorization: Bearer <token>'; "
-                "raftkv clients: --token or RAFTKV_TOKEN)"
+                "raftkv clients: --token, --token-file or RAFTKV_TOKEN)"
             )
         identity = self.authenticator.authenticate(parse_bearer(token))
         require(identity, role_for(method), method)

@@ -224,22 +224,32 @@ async def run(
     interval: float,
     iterations: int | None,
     show: Callable[[RenderableType], None],
-) -> None:
+) -> bool:
     """Sample every ``interval`` seconds and hand each view to ``show`` (a rich Live's
-    update, or a printer); ``iterations`` bounds the number of views (None: until stopped)."""
+    update, or a printer); ``iterations`` bounds the number of views (None: until stopped).
+    Returns whether the last view reached the cluster.
+
+    With ``iterations``, a view waits for a second sample so that its rates are filled in;
+    a sample that reached no node is shown at once (it has no rates to wait for), so a
+    script against a cluster that is down gets its frames and an answer, never a hang."""
     changes: deque[LeaderChange] = deque(maxlen=RECENT_CHANGES)
     before: Sample | None = None
     shown = 0
+    reached = False
     try:
         while iterations is None or shown < iterations:
             started = time.monotonic()
             after = await sampler.sample()
+            reached = after.cluster is not None
             changes.extend(leader_changes(before, after))
-            if before is not None or iterations is None:
+            if before is not None or iterations is None or not reached:
                 show(render(before, after, list(changes)))
                 shown += 1
-            if after.cluster is not None:
+            if reached:
                 before = after
+            if iterations is not None and shown >= iterations:
+                break
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
     finally:
         await sampler.close()
+    return reached

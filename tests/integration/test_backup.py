@@ -201,3 +201,10 @@ def test_local_up_restore_starts_a_new_local_cluster_from_a_backup(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    # Again into the same directory: it holds a cluster now, which a restore never overwrites.
+    again = raftkv(
+        "local", "up", "--dir", str(tmp_path / "new"), "--base-port", str(port),
+        "--restore", str(file),
+    )  # fmt: skip
+    assert again.returncode == 5, again.stderr
+    assert "holds one: add --fresh" in again.stderr

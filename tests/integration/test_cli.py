@@ -284,8 +284,17 @@ def test_version_and_endpoint_health_and_status(cluster3: LocalCluster) -> None:
     )
     status = json.loads(one.stdout)
     assert sorted(s["node"] for s in status) == ["n1", "n2", "n3"]
-    assert all(s["version"] == __version__ and s["replicas"] == 9 for s in status)
-    assert sum(s["leads"] for s in status) == 9  # 8 shards and the meta group
+    # data shards only, as client status, top and member list count them
+    assert all(s["version"] == __version__ and s["replicas"] == 8 for s in status)
+    assert sum(s["leads"] for s in status) == 8
+
+
+def test_dash_o_is_the_output_flag_of_every_command(cluster3: LocalCluster) -> None:
+    assert client(cluster3, "put", "o-key", "o-value").returncode == 0
+    got = json.loads(client(cluster3, "get", "o-key", "-o", "json").stdout)
+    assert got["key"] == "o-key" and got["value"] == "o-value"
+    status = json.loads(client(cluster3, "endpoint", "status", "--output", "json").stdout)
+    assert {s["endpoint"] for s in status} == set(cluster3.endpoints)
 
 
 def test_endpoint_health_reports_a_dead_endpoint_and_exits_4(cluster3: LocalCluster) -> None:
@@ -362,11 +371,14 @@ def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> N
         for line in proc.stdout:
             if line.startswith("endpoints:"):
                 endpoints = line.split()[1]
+            if line.startswith("pids:"):  # the pids a user kills, as the README says
+                pids = dict(item.split("=") for item in line.split()[1:])
                 break
         else:
             raise AssertionError(errors.read_text())
         lock = (tmp_path / "c" / "data" / "n2" / "LOCK").read_text()
-        os.kill(int(lock.split("pid ")[1].rstrip(")\n")), signal.SIGKILL)
+        assert lock.split("pid ")[1].rstrip(")\n") == pids["n2"], (lock, pids)
+        os.kill(int(pids["n2"]), signal.SIGKILL)
         wait_for(lambda: "node n2 exited" in errors.read_text(), 30, "local up to report the exit")
         wait_for(
             lambda: (
@@ -387,4 +399,4 @@ def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> N
                 proc.wait()
     err = errors.read_text()
     assert "node n2 exited (killed by signal 9); the other nodes keep running" in err, err
-    assert "Start it again with:" in err
+    assert "To start it now by hand" in err and "local up --restart" in err

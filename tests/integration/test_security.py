@@ -292,6 +292,23 @@ def test_a_secure_cluster_serves_only_tls_clients_with_tokens(secure3: LocalClus
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_the_cli_says_what_a_secure_cluster_wants(secure3: LocalCluster) -> None:
+    c = secure3
+    assert c.credentials is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
+    cli = [sys.executable, "-m", "raftkv", "client", "-e", c.endpoint("n1"), "--timeout", "3"]
+    plain = subprocess.run([*cli, "get", "x"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 4
+    assert "does the node require TLS? pass --cacert" in plain.stderr, plain.stderr
+    tls = subprocess.run(
+        [*cli, "--cacert", str(c.credentials.ca), "get", "x"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert tls.returncode == 6
+    assert "needs a bearer token" in tls.stderr and "--token-file" in tls.stderr, tls.stderr
+    assert tls.stderr.count("--token") == 2, tls.stderr  # one hint, not two
+
+
 def test_roles_decide_what_a_token_may_do(secure3: LocalCluster) -> None:
     c = secure3
     assert c.credentials is not None

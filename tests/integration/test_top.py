@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,46 @@ def test_top_shows_every_node_and_shard_and_then_a_killed_node(
             break
         assert time.monotonic() < deadline, out.stdout
         time.sleep(0.5)
+
+
+def test_top_against_no_cluster_prints_its_frames_and_exits_4() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    out = subprocess.run(
+        [sys.executable, "-m", "raftkv", "top", "-e", dead, "-n", "2", "--interval", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 4, out.stderr
+    assert out.stdout.count(f"no node answered: {dead}") == 2, out.stdout
+    assert "error: no node answered" in out.stderr
+
+
+def test_top_refuses_json_and_says_where_json_is() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "raftkv", "top", "-w", "json", "-n", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "client status -w json" in out.stderr
+
+
+def test_a_frame_written_to_a_pipe_keeps_every_column(cluster3: LocalCluster) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "raftkv", "top", "-e", ",".join(cluster3.endpoints), "-n", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    for endpoint in cluster3.endpoints:  # rich cuts these at 80 columns ("127.0.0.1:…")
+        assert f"│ {endpoint} " in out.stdout, out.stdout
 
 
 def _default_sigint() -> None:
