@@ -80,6 +80,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def interrupt(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Stop a foreground command (``raftkv local up``, ``top``) as Ctrl-C would: SIGINT, then
+    wait; SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process, in MiB (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 
 from raftkv import Client
 from raftkv.backup import BackupError, read_backup
-from raftkv.testing.cluster import LocalCluster
+from raftkv.testing.cluster import LocalCluster, interrupt
 
 
 def raftkv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -194,13 +193,7 @@ def test_local_up_restore_starts_a_new_local_cluster_from_a_backup(
         got = raftkv("client", "-e", endpoints, "get", "restore-me")
         assert got.returncode == 0 and got.stdout == "still here", got.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        interrupt(proc)
     # Again into the same directory: it holds a cluster now, which a restore never overwrites.
     again = raftkv(
         "local", "up", "--dir", str(tmp_path / "new"), "--base-port", str(port),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raftkv.testing.cluster import LocalCluster, wait_for
+from raftkv.testing.cluster import LocalCluster, interrupt, wait_for
 
 
 def raftkv(
@@ -390,13 +390,7 @@ def test_local_up_keeps_the_others_running_when_a_node_dies(tmp_path: Path) -> N
         )
         assert proc.poll() is None  # local up is still running
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        interrupt(proc)
     err = errors.read_text()
     assert "node n2 exited (killed by signal 9); the other nodes keep running" in err, err
     assert "To start it now by hand" in err and "local up --restart" in err
